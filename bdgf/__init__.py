@@ -1,0 +1,2 @@
+"""BDGF: Balanced Diffusion-Guided Fusion."""
+__version__ = "0.1.0"
