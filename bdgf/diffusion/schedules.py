@@ -1,0 +1,114 @@
+"""Noise schedules for the stage-1 DDPM, kept apart from the denoiser (diffusers style).
+
+Glossary
+    T   number of diffusion steps (timesteps are integers 0 .. T-1)
+    B   batch size
+
+Convention: ``alphas_cumprod[t] = prod_{s <= t} (1 - betas[s])``, so ``t = 0`` is the least noisy
+step and ``t = T - 1`` the noisiest. The forward process is
+``x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * eps``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ScheduleConfig", "NoiseSchedule", "linear_betas", "cosine_betas"]
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "cosine"  # "linear" | "cosine"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4  # linear only, for T = 1000 (scaled by 1000 / T, as in Nichol & Dhariwal)
+    beta_end: float = 0.02  # linear only
+    cosine_s: float = 0.008  # cosine only: offset that keeps beta_0 from being vanishingly small
+    max_beta: float = 0.999  # cosine only: clip that avoids a singularity at t = T - 1
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. linear schedule, (T,) float64; endpoints scaled by 1000 / T so any T is comparable."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal cosine schedule, (T,) float64: alpha_bar(t) = f(t) / f(0),
+    f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), betas clipped to ``max_beta``."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(min=0.0, max=max_beta)
+
+
+class NoiseSchedule:
+    """Precomputed schedule tensors (float64 on CPU until ``to``), no learnable state.
+
+    Attributes (all (T,)): ``betas``, ``alphas_cumprod``, ``sqrt_alphas_cumprod``,
+    ``sqrt_one_minus_alphas_cumprod``.
+    """
+
+    def __init__(self, config: ScheduleConfig | None = None, **overrides):
+        config = config or ScheduleConfig()
+        if overrides:
+            config = ScheduleConfig(**{**config.__dict__, **overrides})
+        if config.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {config.num_timesteps}")
+        if config.kind == "linear":
+            betas = linear_betas(config.num_timesteps, config.beta_start, config.beta_end)
+        elif config.kind == "cosine":
+            betas = cosine_betas(config.num_timesteps, config.cosine_s, config.max_beta)
+        else:
+            raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {config.kind!r}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1); check beta_start / beta_end for this T")
+        self.config = config
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """Move the tables to ``device`` (in place; returns self)."""
+        for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def coefficients(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt_ab, sqrt_1mab), each (B,) ``dtype`` on ``t.device``, for integer timesteps t (B,)."""
+        if t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"timesteps must be int64 (or int32), got {t.dtype}")
+        idx = t.to(self.alphas_cumprod.device, torch.int64)
+        a = self.sqrt_alphas_cumprod[idx].to(device=t.device, dtype=dtype)
+        b = self.sqrt_one_minus_alphas_cumprod[idx].to(device=t.device, dtype=dtype)
+        return a, b
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+        """Uniform integer timesteps (B,) int64 in [0, T), drawn on the generator's device."""
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device)
+        return t.to(device) if device is not None else t
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Plain forward process (no masking): x0, eps (B,C,H,W), t (B,) -> x_t (B,C,H,W)."""
+        a, b = self.coefficients(t, x0.dtype)
+        return a[:, None, None, None] * x0 + b[:, None, None, None] * eps
+
+    def state_dict(self) -> dict:
+        return {"config": dict(self.config.__dict__)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "NoiseSchedule":
+        return cls(ScheduleConfig(**state["config"]))
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule(kind={self.config.kind!r}, T={self.num_timesteps})"
