@@ -1,0 +1,60 @@
+"""Balanced vs concatenated loss: a 1-band modality counts as much as a 144-band one."""
+
+import pytest
+import torch
+
+from bdgf.diffusion.loss import balanced_loss, concat_mse
+
+HSI, LIDAR = 144, 1
+CHANNEL_MODALITY = torch.tensor([0] * HSI + [1] * LIDAR)
+
+
+def _pair(err_hsi: float, err_lidar: float):
+    """target 0, prediction off by err_hsi on every HSI band and err_lidar on the LiDAR band."""
+    target = torch.zeros(2, HSI + LIDAR, 4, 4)
+    pred = target.clone()
+    pred[:, :HSI] = err_hsi
+    pred[:, HSI:] = err_lidar
+    return pred, target
+
+
+def test_balanced_loss_hand_values():
+    per_mod = torch.tensor([[1.0, 3.0], [2.0, 6.0]])
+    assert balanced_loss(per_mod).item() == pytest.approx(3.0)  # (1 + 3 + 2 + 6) / 4
+    w = torch.tensor([0.25, 0.75])
+    # per sample: 0.25 + 2.25 = 2.5 and 0.5 + 4.5 = 5.0 -> mean 3.75
+    assert balanced_loss(per_mod, w).item() == pytest.approx(3.75)
+    with pytest.raises(ValueError, match="weights"):
+        balanced_loss(per_mod, torch.ones(3))
+    with pytest.raises(ValueError, match="per_mod"):
+        balanced_loss(torch.ones(4))
+
+
+def test_concat_mse_is_dominated_by_hsi():
+    # all error on HSI: 144 of 145 channels have squared error 1 -> 144/145; all on LiDAR: 1/145
+    assert concat_mse(*_pair(1.0, 0.0)).item() == pytest.approx(144 / 145)
+    assert concat_mse(*_pair(0.0, 1.0)).item() == pytest.approx(1 / 145)
+    with pytest.raises(ValueError, match="shapes"):
+        concat_mse(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+def test_balanced_weighs_one_band_like_144_bands_hand_per_modality():
+    # per-modality means written by hand: HSI error 1 -> (1, 0); LiDAR error 1 -> (0, 1)
+    hsi_off = balanced_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    lidar_off = balanced_loss(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    assert hsi_off.item() == pytest.approx(0.5) and lidar_off.item() == pytest.approx(0.5)
+
+
+def test_balanced_weighs_one_band_like_144_bands_through_kernel():
+    dispatch = pytest.importorskip("kernels.dispatch")
+    for (eh, el), expected in (((1.0, 0.0), [1.0, 0.0]), ((0.0, 1.0), [0.0, 1.0]), ((2.0, 1.0), [4.0, 1.0])):
+        pred, target = _pair(eh, el)
+        per_mod = dispatch.balanced_mse(pred, target, CHANNEL_MODALITY, 2)
+        torch.testing.assert_close(per_mod, torch.tensor([expected, expected]))
+        assert balanced_loss(per_mod).item() == pytest.approx(sum(expected) / 2)
+    # same total error budget, swapped between modalities: concat changes 144x, balanced not at all
+    a, b = _pair(1.0, 0.0), _pair(0.0, 1.0)
+    la = balanced_loss(dispatch.balanced_mse(*a, CHANNEL_MODALITY, 2))
+    lb = balanced_loss(dispatch.balanced_mse(*b, CHANNEL_MODALITY, 2))
+    assert la.item() == pytest.approx(lb.item())
+    assert concat_mse(*a).item() == pytest.approx(144 * concat_mse(*b).item())
