@@ -64,6 +64,14 @@ def _blocks(D: int, interpret: bool):
     return (64, 64, bd, 4) if bd <= 64 else (64, 32, bd, 4)
 
 
+def _meta(q: torch.Tensor, D: int) -> dict:
+    from ._triton_util import interpreter_on
+
+    bm, bn, bd, nw = _blocks(D, interpreter_on())
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=_precision(q.dtype),
+                UPCAST=interpreter_on() and q.dtype == torch.bfloat16, num_warps=nw)
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -74,16 +82,14 @@ class _FlashCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         from . import tl_cross_attention as K
-        from ._triton_util import interpreter_on
 
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
-        bm, bn, bd, nw = _blocks(D, interpreter_on())
+        meta = _meta(q, D)
         out = torch.empty_like(q)
         lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-        K.attn_fwd[(triton_cdiv(Nq, bm), B * H)](
-            q, k, v, out, lse, scale * _LOG2E, Nq, Nk, D,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=_precision(q.dtype), num_warps=nw)
+        K.attn_fwd[(triton_cdiv(Nq, meta["BLOCK_M"]), B * H)](
+            q, k, v, out, lse, scale * _LOG2E, Nq, Nk, D, **meta)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -91,19 +97,17 @@ class _FlashCrossAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         from . import tl_cross_attention as K
-        from ._triton_util import interpreter_on
 
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
-        bm, bn, bd, nw = _blocks(D, interpreter_on())
+        meta = _meta(q, D)
         delta = (dout.float() * out.float()).sum(-1)  # (B, Hh, Nq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=_precision(q.dtype), num_warps=nw)
-        K.attn_bwd_dkdv[(triton_cdiv(Nk, bn), B * H)](
+        K.attn_bwd_dkdv[(triton_cdiv(Nk, meta["BLOCK_N"]), B * H)](
             q, k, v, dout, lse, delta, dk, dv, ctx.scale, ctx.scale * _LOG2E, Nq, Nk, D, **meta)
-        K.attn_bwd_dq[(triton_cdiv(Nq, bm), B * H)](
+        K.attn_bwd_dq[(triton_cdiv(Nq, meta["BLOCK_M"]), B * H)](
             q, k, v, dout, lse, delta, dq, ctx.scale, ctx.scale * _LOG2E, Nq, Nk, D, **meta)
         return dq, dk, dv, None
 
