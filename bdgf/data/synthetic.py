@@ -1,0 +1,552 @@
+"""Deterministic synthetic scenes with real structure: a land-cover layout, physically shaped
+spectra, an elevation model and (optionally) SAR backscatter, all on one 1 m grid.
+
+>>> scene = make_scene("demo", seed=0)          # SceneData, ready for write_scene
+>>> truth = make_class_map("demo", seed=0)      # (H, W) full class map 1..K (every pixel)
+
+Glossary: H×W grid, B HSI bands, K classes, M materials, J within-class modes.
+
+How a scene is made (every step draws from its own seeded numpy Generator stream, so the same
+(preset, seed) gives bit-identical arrays, and another seed another scene):
+
+1. **Layout** (H, W): warped Voronoi cells for natural cover (grass, trees, soil, water), straight
+   roads of a few pixels' width, and non-overlapping rectangles (buildings, parking lots), each
+   class given at least the pixels its labels need (the layout is redrawn otherwise).
+2. **HSI** (B, H, W) reflectance, 400–1000 nm: each class has a *material* whose spectrum is a sum
+   of smooth terms (green peak, chlorophyll well, red edge, soil slope, water absorption),
+   integrated over Gaussian band responses; within-class variability is a per-material set of J
+   smooth spectral modes whose coefficients are spatially correlated fields, times a smooth
+   illumination field; plus band-dependent Gaussian sensor noise.
+3. **Elevation** (1, H, W) DSM in metres (2 bands with LiDAR intensity where the preset asks):
+   terrain = plane + smooth relief; ground classes sit on it; water is flat per water body;
+   trees get a rough canopy within their height range; buildings are flat-topped rectangles with a
+   height drawn per building (stratified within the class range), so their edges are sharp.
+4. **SAR** (4, H, W) in dB where the preset asks: a class mean backscatter per polarisation
+   (VV, VH, HH, HV: specular water, rough surfaces, volume scattering of canopy, double bounce of
+   buildings), multiplied by gamma speckle of ``sar_looks`` looks, then 10·log10.
+5. **Labels**: pixels off class boundaries inside smooth "surveyed" blobs form the labelled subset;
+   ``train_per_class + val_per_class`` pixels per class (in small clusters where asked) are drawn,
+   ``carve_val`` moves exactly ``val_per_class`` of them to ``val``; the rest of the labelled
+   subset is ``test``. So ``train`` holds exactly ``train_per_class`` pixels of every class.
+
+Presets (``PRESETS``):
+
+- ``tiny`` 48×48, HSI 16 + LiDAR 1, 4 classes, 12 train / 3 val per class: unit tests.
+- ``demo`` 128×128, HSI 32 + LiDAR 1, 6 classes, 30 train / 8 val per class: ``make demo``.
+- ``imbalance`` 128×128, HSI 80 high-SNR bands + LiDAR 1, 8 classes, exactly 20 train / 5 val per
+  class. Designed so that neither modality alone separates every class:
+
+  * elevation-only separable (same material, so the same spectrum; different height):
+    ``grass`` vs ``trees`` (one leaf spectrum; lawn at 0 m, canopy 5–15 m) and
+    ``parking_lot`` vs ``roof_concrete`` (one concrete; ground vs flat roof 4–12 m, both
+    rectangles);
+  * HSI-only separable (same height model, different material):
+    ``road`` (asphalt) vs ``parking_lot`` (concrete), ``grass`` vs ``soil`` (both at ground), and
+    ``roof_concrete`` vs ``roof_metal`` (same roof-height distribution, both rectangles).
+
+- ``sar`` 64×64, HSI 24 + SAR 4 + DSM 1 (three modalities, Augsburg-like), 7 classes,
+  15 train / 4 val per class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Union
+
+import numpy as np
+from scipy import ndimage
+
+from bdgf.data.scene import ModalityData, SceneData
+from bdgf.data.splits import carve_val
+from bdgf.errors import InputError
+
+# ----------------------------------------------------------------------------------------
+# Configuration (plain data)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One land-cover class: what it is made of, where it lies, how high it stands."""
+
+    name: str
+    material: str  # key of MATERIALS: the HSI reflectance
+    layer: str  # "cell" (Voronoi region) | "line" (road) | "rect" (building, lot)
+    height: str = "ground"  # "ground" | "water" | "canopy" | "flat"
+    height_range: tuple[float, float] = (0.0, 0.0)  # metres above terrain (canopy, flat)
+    scattering: str = "surface"  # key of SAR_SIGNATURES
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """A synthetic scene preset. Sizes in pixels (1 m ground sampling)."""
+
+    name: str
+    height: int
+    width: int
+    classes: tuple[ClassSpec, ...]
+    hsi_bands: int
+    wavelength_range: tuple[float, float] = (400.0, 1000.0)
+    hsi_noise: float = 0.004  # sensor noise std (reflectance) at 700 nm; larger at the ends
+    variability: float = 1.0  # scale of within-class spectral modes and illumination
+    n_modes: int = 3  # J within-class spectral modes per material
+    lidar_bands: int = 1  # 1: DSM; 2: DSM + intensity
+    elevation_name: str = "lidar"  # modality name of the elevation raster
+    elevation_kind: str = "lidar"  # "lidar" | "dsm"
+    elevation_noise: float = 0.05  # metres
+    sar: bool = False
+    sar_looks: float = 4.0
+    cell_area: float = 400.0  # mean Voronoi cell area (px)
+    lines_per_class: int = 1
+    line_width: tuple[float, float] = (3.0, 5.0)
+    rects_per_class: int = 4
+    rect_size: tuple[int, int] = (6, 16)
+    label_fraction: float = 0.6  # share of the grid inside surveyed blobs
+    train_per_class: int = 12
+    val_per_class: int = 3
+    train_cluster: int = 1  # training pixels are drawn in clusters of this many
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+def _c(name, material, layer, height="ground", hr=(0.0, 0.0), scattering="surface") -> ClassSpec:
+    return ClassSpec(name, material, layer, height, hr, scattering)
+
+
+GRASS = _c("grass", "grass", "cell", scattering="grass")
+TREES = _c("trees", "tree_canopy", "cell", "canopy", (5.0, 15.0), "volume")
+SOIL = _c("soil", "soil", "cell")
+WATER = _c("water", "water", "cell", "water", scattering="specular")
+ROAD = _c("road", "asphalt", "line")
+BUILDING = _c("building", "concrete", "rect", "flat", (4.0, 14.0), "double_bounce_low")
+BUILDING_LOW = _c("building_low", "roof_tile", "rect", "flat", (3.0, 8.0), "double_bounce_low")
+BUILDING_HIGH = _c("building_high", "concrete", "rect", "flat", (15.0, 30.0), "double_bounce_high")
+
+PRESETS: dict[str, SceneConfig] = {
+    "tiny": SceneConfig(
+        name="tiny", height=48, width=48, hsi_bands=16,
+        classes=(GRASS, TREES, BUILDING, ROAD),
+        cell_area=300.0, rects_per_class=3, rect_size=(7, 13), line_width=(3.0, 4.0),
+        train_per_class=12, val_per_class=3, label_fraction=0.7,
+    ),
+    "demo": SceneConfig(
+        name="demo", height=128, width=128, hsi_bands=32,
+        classes=(GRASS, TREES, WATER, ROAD, BUILDING_LOW, BUILDING_HIGH),
+        cell_area=500.0, lines_per_class=2, rects_per_class=6, rect_size=(7, 18),
+        train_per_class=30, val_per_class=8, train_cluster=4,
+    ),
+    "imbalance": SceneConfig(
+        name="imbalance", height=128, width=128, hsi_bands=80, hsi_noise=0.002,
+        classes=(
+            _c("grass", "vegetation", "cell", scattering="grass"),
+            _c("trees", "vegetation", "cell", "canopy", (5.0, 15.0), "volume"),
+            SOIL,
+            WATER,
+            ROAD,
+            _c("parking_lot", "concrete", "rect"),
+            _c("roof_concrete", "concrete", "rect", "flat", (4.0, 12.0), "double_bounce_low"),
+            _c("roof_metal", "metal_roof", "rect", "flat", (4.0, 12.0), "double_bounce_low"),
+        ),
+        cell_area=450.0, lines_per_class=2, rects_per_class=5, rect_size=(8, 18),
+        train_per_class=20, val_per_class=5,
+    ),
+    "sar": SceneConfig(
+        name="sar", height=64, width=64, hsi_bands=24, sar=True,
+        elevation_name="dsm", elevation_kind="dsm",
+        classes=(GRASS, TREES, SOIL, WATER, ROAD, BUILDING_LOW, BUILDING_HIGH),
+        cell_area=350.0, rects_per_class=3, rect_size=(7, 13), line_width=(3.0, 4.0),
+        train_per_class=15, val_per_class=4, label_fraction=0.7,
+    ),
+}
+
+# Reflectance spectra as sums of smooth terms over wavelength λ (nm):
+# ("const", a) | ("linear", a): a·(λ−400)/600 | ("gauss", a, centre, width) |
+# ("sigmoid", a, centre, width) | ("exp", a, start, scale): a·exp(−(λ−start)/scale)
+_LEAF = (
+    ("const", 0.03), ("gauss", 0.06, 550.0, 35.0), ("gauss", -0.02, 675.0, 20.0),
+    ("sigmoid", 0.40, 715.0, 14.0), ("gauss", -0.04, 975.0, 30.0),
+)
+MATERIALS: dict[str, tuple[tuple, ...]] = {
+    "grass": _LEAF,
+    "vegetation": _LEAF,  # shared leaf spectrum (imbalance: grass and trees)
+    "tree_canopy": (
+        ("const", 0.02), ("gauss", 0.04, 550.0, 30.0), ("gauss", -0.01, 675.0, 20.0),
+        ("sigmoid", 0.30, 720.0, 16.0), ("gauss", -0.05, 970.0, 35.0),
+    ),
+    "soil": (("const", 0.07), ("linear", 0.22), ("gauss", -0.03, 900.0, 80.0), ("gauss", 0.015, 600.0, 60.0)),
+    "asphalt": (("const", 0.06), ("linear", 0.04)),
+    "concrete": (("const", 0.22), ("linear", 0.08), ("gauss", -0.03, 430.0, 50.0)),
+    "metal_roof": (("const", 0.16), ("gauss", 0.14, 470.0, 60.0), ("sigmoid", 0.10, 800.0, 40.0)),
+    "roof_tile": (("const", 0.07), ("sigmoid", 0.25, 590.0, 20.0), ("linear", 0.05)),
+    "water": (("const", 0.005), ("exp", 0.07, 400.0, 120.0), ("gauss", 0.015, 560.0, 40.0)),
+}
+
+# Mean linear backscatter (σ0) per polarisation VV, VH, HH, HV.
+SAR_BANDS = ("VV", "VH", "HH", "HV")
+SAR_SIGNATURES: dict[str, tuple[float, float, float, float]] = {
+    "specular": (0.004, 0.0006, 0.003, 0.0006),
+    "surface": (0.03, 0.004, 0.025, 0.004),
+    "grass": (0.06, 0.012, 0.055, 0.012),
+    "volume": (0.12, 0.035, 0.11, 0.035),
+    "double_bounce_low": (0.35, 0.04, 0.5, 0.04),
+    "double_bounce_high": (0.8, 0.08, 1.2, 0.08),
+}
+
+# Generator streams: one per stage, so stages never shift each other's draws.
+_LAYOUT, _ELEVATION, _HSI, _SAR, _LABELS = range(5)
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), stream]))
+
+
+def get_config(preset: Union[str, SceneConfig]) -> SceneConfig:
+    """The SceneConfig of a preset name (or the config itself)."""
+    if isinstance(preset, SceneConfig):
+        return preset
+    if preset not in PRESETS:
+        raise InputError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+# ----------------------------------------------------------------------------------------
+# Spatial helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """(H, W) smooth Gaussian random field, zero mean, unit std, correlation length ~sigma px."""
+    f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    return (f - f.mean()) / (f.std() + 1e-12)
+
+
+def interior(class_map: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose 4 neighbours share their class (grid edges count as same)."""
+    p = np.pad(class_map, 1, mode="edge")
+    c = p[1:-1, 1:-1]
+    return (p[:-2, 1:-1] == c) & (p[2:, 1:-1] == c) & (p[1:-1, :-2] == c) & (p[1:-1, 2:] == c)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Layout
+# ----------------------------------------------------------------------------------------
+
+
+def _voronoi(cfg: SceneConfig, rng: np.random.Generator, cell_ids: list[int]) -> np.ndarray:
+    """(H, W) class ids from warped Voronoi cells; every id in ``cell_ids`` gets a cell."""
+    h, w = cfg.height, cfg.width
+    n = max(len(cell_ids), int(round(h * w / cfg.cell_area)))
+    assign = np.array(cell_ids * (n // len(cell_ids) + 1))[:n]
+    assign = rng.permutation(assign)
+    pts = rng.uniform((0, 0), (h, w), size=(n, 2))
+    radius = np.sqrt(cfg.cell_area)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    yy += 0.3 * radius * _field(rng, (h, w), radius / 2)
+    xx += 0.3 * radius * _field(rng, (h, w), radius / 2)
+    d2 = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
+    return assign[np.argmin(d2, axis=-1)]
+
+
+def _line(cfg: SceneConfig, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) bool: a straight road through the grid, mostly axis-aligned."""
+    h, w = cfg.height, cfg.width
+    base = rng.choice([0.0, 0.5 * np.pi])
+    theta = base + rng.normal(0.0, 0.15)
+    y0, x0 = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    width = rng.uniform(*cfg.line_width)
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = np.abs((yy - y0) * np.cos(theta) - (xx - x0) * np.sin(theta))
+    return dist < width / 2
+
+
+def _place_rect(cfg: SceneConfig, rng: np.random.Generator, occupied: np.ndarray) -> tuple[slice, slice] | None:
+    """A free rectangle (1 px margin from anything occupied), or None after 60 tries."""
+    h, w = cfg.height, cfg.width
+    lo, hi = cfg.rect_size
+    for _ in range(60):
+        rh, rw = rng.integers(lo, hi + 1, size=2)
+        r0, c0 = rng.integers(1, h - rh), rng.integers(1, w - rw)
+        if not occupied[r0 - 1 : r0 + rh + 1, c0 - 1 : c0 + rw + 1].any():
+            return slice(r0, r0 + rh), slice(c0, c0 + rw)
+    return None
+
+
+def _layout_once(cfg: SceneConfig, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) int64 class map 1..K: cells, then roads over them, then rectangles."""
+    ids = {layer: [k for k, c in enumerate(cfg.classes, 1) if c.layer == layer] for layer in ("cell", "line", "rect")}
+    if not ids["cell"]:
+        raise InputError(f"preset {cfg.name!r}: needs at least one 'cell' class for the background")
+    cmap = _voronoi(cfg, rng, ids["cell"])
+    occupied = np.zeros(cmap.shape, bool)
+    for k in ids["line"]:
+        for _ in range(cfg.lines_per_class):
+            road = _line(cfg, rng)
+            cmap[road] = k
+            occupied |= road
+    for _ in range(cfg.rects_per_class):  # round robin so every rect class is placed
+        for k in ids["rect"]:
+            box = _place_rect(cfg, rng, occupied)
+            if box is not None:
+                cmap[box] = k
+                occupied[box] = True
+    return cmap
+
+
+def _needed(cfg: SceneConfig) -> int:
+    """Interior pixels each class needs: train + val and at least as many again for test."""
+    return 2 * (cfg.train_per_class + cfg.val_per_class)
+
+
+def _layout(cfg: SceneConfig, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) class map where every class has enough interior pixels (redrawn up to 30 times)."""
+    k = len(cfg.classes)
+    for _ in range(30):
+        cmap = _layout_once(cfg, rng)
+        counts = np.bincount(cmap[interior(cmap)], minlength=k + 1)[1:]
+        if counts.min() >= _needed(cfg):
+            return cmap
+    raise InputError(f"preset {cfg.name!r}: grid too small for {k} classes with {_needed(cfg)} interior pixels each")
+
+
+def make_class_map(preset: Union[str, SceneConfig], seed: int) -> np.ndarray:
+    """(H, W) int64 full ground truth 1..K of the scene ``make_scene(preset, seed)`` draws."""
+    cfg = get_config(preset)
+    return _layout(cfg, _rng(seed, _LAYOUT))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Hyperspectral
+# ----------------------------------------------------------------------------------------
+
+
+def _eval_terms(terms: tuple[tuple, ...], lam: np.ndarray) -> np.ndarray:
+    """(F,) reflectance of one material on wavelengths ``lam`` (F,) nm."""
+    out = np.zeros_like(lam)
+    for term in terms:
+        kind, a, *p = term
+        if kind == "const":
+            out += a
+        elif kind == "linear":
+            out += a * (lam - 400.0) / 600.0
+        elif kind == "gauss":
+            out += a * np.exp(-0.5 * ((lam - p[0]) / p[1]) ** 2)
+        elif kind == "sigmoid":
+            out += a / (1.0 + np.exp(-(lam - p[0]) / p[1]))
+        elif kind == "exp":
+            out += a * np.exp(-(lam - p[0]) / p[1])
+        else:
+            raise InputError(f"unknown spectral term {kind!r}")
+    return out
+
+
+def band_response(cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centres (B,), fine grid (F,), response (B, F)): Gaussian bands, FWHM = band spacing."""
+    lo, hi = cfg.wavelength_range
+    centres = np.linspace(lo, hi, cfg.hsi_bands)
+    spacing = (hi - lo) / max(cfg.hsi_bands - 1, 1)
+    sigma = max(spacing, 5.0) / 2.355
+    fine = np.arange(lo - 4 * sigma, hi + 4 * sigma + 1.0, 1.0)
+    resp = np.exp(-0.5 * ((fine[None] - centres[:, None]) / sigma) ** 2)
+    return centres, fine, resp / resp.sum(axis=1, keepdims=True)
+
+
+def material_spectra(cfg: SceneConfig) -> dict[str, np.ndarray]:
+    """{material: (B,) mean reflectance as the sensor sees it} for the preset's materials."""
+    _, fine, resp = band_response(cfg)
+    return {m: resp @ _eval_terms(MATERIALS[m], fine) for m in sorted({c.material for c in cfg.classes})}
+
+
+def _modes(cfg: SceneConfig, rng: np.random.Generator, spectrum: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(J, B) smooth within-class spectral modes of one material, scaled to its brightness."""
+    lo, hi = cfg.wavelength_range
+    amps = cfg.variability * np.array([0.10, 0.06, 0.03, 0.02, 0.01])[: cfg.n_modes] * spectrum.mean()
+    out = np.zeros((cfg.n_modes, centres.size))
+    for j in range(cfg.n_modes):
+        for _ in range(2):
+            c, width, sign = rng.uniform(lo, hi), rng.uniform(60.0, 250.0), rng.choice([-1.0, 1.0])
+            out[j] += sign * np.exp(-0.5 * ((centres - c) / width) ** 2)
+        out[j] *= amps[j] / (np.abs(out[j]).max() + 1e-12)
+    return out
+
+
+def _hsi(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(HSI (B, H, W) float32 reflectance, band centres (B,) nm)."""
+    centres, _, _ = band_response(cfg)
+    spectra = material_spectra(cfg)
+    shape = cmap.shape
+    coeff = np.stack([_field(rng, shape, 2.5) for _ in range(cfg.n_modes)])  # (J, H, W)
+    bright = 1.0 + 0.06 * cfg.variability * _field(rng, shape, 4.0)  # (H, W)
+    mat_of_class = np.array([""] + [c.material for c in cfg.classes], dtype=object)
+    out = np.zeros((cfg.hsi_bands,) + shape)
+    for m, spec in spectra.items():
+        modes = _modes(cfg, rng, spec, centres)  # (J, B)
+        sel = mat_of_class[cmap] == m  # (H, W)
+        px = spec[:, None] + modes.T @ coeff[:, sel]  # (B, N)
+        out[:, sel] = px * bright[sel]
+    noise_std = cfg.hsi_noise * (1.0 + 1.5 * ((centres - 700.0) / 300.0) ** 2)
+    out += noise_std[:, None, None] * rng.standard_normal(out.shape)
+    return out.astype(np.float32), centres
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Elevation
+# ----------------------------------------------------------------------------------------
+
+
+def _terrain(cfg: SceneConfig, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) metres: a gentle plane (≤ 2 cm/px) plus smooth relief of ~0.5 m."""
+    h, w = cfg.height, cfg.width
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    gy, gx = rng.uniform(-0.02, 0.02, size=2)
+    return gy * yy + gx * xx + 0.5 * _field(rng, (h, w), max(h, w) / 6)
+
+
+def _stratified(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    """(n,) values spread evenly over [lo, hi] in random order (one per stratum)."""
+    return lo + (hi - lo) * (rng.permutation(n) + rng.uniform(size=n)) / max(n, 1)
+
+
+def _heights(cfg: SceneConfig, cmap: np.ndarray, terrain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) DSM in metres without sensor noise: terrain plus each class's object height."""
+    dsm = terrain.copy()
+    rough = _field(rng, cmap.shape, 1.2)
+    for k, spec in enumerate(cfg.classes, 1):
+        comps, n = ndimage.label(cmap == k)
+        if n == 0:
+            continue
+        lo, hi = spec.height_range
+        idx = np.arange(1, n + 1)
+        if spec.height == "water":  # flat surface at the lowest terrain of each water body
+            level = ndimage.minimum(terrain, comps, idx)
+            dsm[comps > 0] = np.asarray(level)[comps[comps > 0] - 1]
+        elif spec.height == "flat":  # flat roof: terrain at the footprint's centre + height
+            tops = np.asarray(ndimage.mean(terrain, comps, idx)) + _stratified(rng, n, lo, hi)
+            dsm[comps > 0] = tops[comps[comps > 0] - 1]
+        elif spec.height == "canopy":
+            base = _stratified(rng, n, lo + 0.3 * (hi - lo), hi - 0.3 * (hi - lo))
+            sel = comps > 0
+            canopy = base[comps[sel] - 1] + 0.2 * (hi - lo) * rough[sel] + 0.5 * rng.standard_normal(sel.sum())
+            dsm[sel] += np.clip(canopy, lo, hi)
+        elif spec.height != "ground":
+            raise InputError(f"class {spec.name!r}: unknown height model {spec.height!r}")
+    return dsm
+
+
+def _elevation(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(lidar_bands, H, W) float32: DSM in metres (and LiDAR intensity where asked)."""
+    dsm = _heights(cfg, cmap, _terrain(cfg, rng), rng)
+    dsm = dsm + cfg.elevation_noise * rng.standard_normal(dsm.shape)
+    bands = [dsm]
+    if cfg.lidar_bands == 2:  # intensity at 1064 nm ~ NIR reflectance of the material
+        nir = {m: float(_eval_terms(MATERIALS[m], np.array([1000.0]))[0]) for m in {c.material for c in cfg.classes}}
+        refl = np.array([0.0] + [nir[c.material] for c in cfg.classes])[cmap]
+        bands.append(255.0 * refl * (1.0 + 0.1 * _field(rng, cmap.shape, 2.0)) + 2.0 * rng.standard_normal(cmap.shape))
+    elif cfg.lidar_bands != 1:
+        raise InputError(f"preset {cfg.name!r}: lidar_bands must be 1 or 2, got {cfg.lidar_bands}")
+    return np.stack(bands).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. SAR
+# ----------------------------------------------------------------------------------------
+
+
+def sar_means(cfg: SceneConfig) -> np.ndarray:
+    """(K + 1, 4) mean linear backscatter per class (row 0 unused) and polarisation."""
+    return np.array([[0.0] * 4] + [SAR_SIGNATURES[c.scattering] for c in cfg.classes])
+
+
+def _sar(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(4, H, W) float32 dB: class mean σ0 × gamma speckle (mean 1, std 1/sqrt(looks))."""
+    mean = sar_means(cfg)[cmap].transpose(2, 0, 1)  # (4, H, W)
+    speckle = rng.gamma(cfg.sar_looks, 1.0 / cfg.sar_looks, size=mean.shape)
+    return (10.0 * np.log10(np.maximum(mean * speckle, 1e-10))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Labels
+# ----------------------------------------------------------------------------------------
+
+
+def _labelled(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) bool: interior pixels inside surveyed blobs; a class short of pixels gets all its interior."""
+    inner = interior(cmap)
+    blobs = _field(rng, cmap.shape, max(cmap.shape) / 10)
+    survey = blobs <= np.quantile(blobs, cfg.label_fraction)
+    lab = inner & survey
+    for k in range(1, len(cfg.classes) + 1):
+        if np.count_nonzero(lab & (cmap == k)) < _needed(cfg):
+            lab |= inner & (cmap == k)
+    return lab
+
+
+def _draw_clusters(rng: np.random.Generator, coords: np.ndarray, n: int, cluster: int) -> np.ndarray:
+    """Indices (n,) into ``coords`` (N, 2): clusters of up to ``cluster`` nearest pixels each."""
+    free = np.ones(len(coords), bool)
+    picked: list[int] = []
+    while len(picked) < n:
+        seed_px = rng.choice(np.flatnonzero(free))
+        d = np.abs(coords - coords[seed_px]).sum(axis=1).astype(np.float64)
+        d[~free] = np.inf
+        take = np.argsort(d, kind="stable")[: min(cluster, n - len(picked))]
+        picked.extend(take.tolist())
+        free[take] = False
+    return np.asarray(picked)
+
+
+def _splits(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """{"train", "val", "test"}: (H, W) uint16 label rasters, disjoint."""
+    lab = _labelled(cfg, cmap, rng)
+    n_tv = cfg.train_per_class + cfg.val_per_class
+    trainval = np.zeros(cmap.shape, np.uint16)
+    for k in range(1, len(cfg.classes) + 1):
+        coords = np.argwhere(lab & (cmap == k))
+        idx = _draw_clusters(rng, coords, n_tv, cfg.train_cluster)
+        trainval[coords[idx, 0], coords[idx, 1]] = k
+    train, val = carve_val(trainval, fraction=cfg.val_per_class / n_tv, seed=int(rng.integers(2**31)))
+    test = np.where(lab & (trainval == 0), cmap, 0).astype(np.uint16)
+    return {"train": train, "val": val, "test": test}
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------
+
+
+def make_scene(preset: Union[str, SceneConfig], seed: int = 0) -> SceneData:
+    """A deterministic synthetic SceneData: modalities ``hsi`` (B, H, W) reflectance,
+    ``lidar``/``dsm`` (1–2, H, W) metres, optionally ``sar`` (4, H, W) dB; labels train/val/test
+    (H, W) uint16. Same (preset, seed) → bit-identical arrays."""
+    cfg = get_config(preset)
+    cmap = _layout(cfg, _rng(seed, _LAYOUT))
+    hsi, centres = _hsi(cfg, cmap, _rng(seed, _HSI))
+    mods = {
+        "hsi": ModalityData(
+            hsi, kind="hsi", wavelengths_nm=[float(c) for c in centres],
+            band_names=[f"{c:.1f}nm" for c in centres], units="reflectance", source=f"synthetic:{cfg.name}",
+        ),
+        cfg.elevation_name: ModalityData(
+            _elevation(cfg, cmap, _rng(seed, _ELEVATION)), kind=cfg.elevation_kind,
+            band_names=["dsm", "intensity"][: cfg.lidar_bands], units="m", source=f"synthetic:{cfg.name}",
+        ),
+    }
+    if cfg.sar:
+        mods["sar"] = ModalityData(
+            _sar(cfg, cmap, _rng(seed, _SAR)), kind="sar", band_names=[f"{b}_dB" for b in SAR_BANDS],
+            units="dB", source=f"synthetic:{cfg.name}",
+        )
+    return SceneData(
+        name=f"synthetic-{cfg.name}-s{seed}",
+        modalities=mods,
+        labels=_splits(cfg, cmap, _rng(seed, _LABELS)),
+        class_names=cfg.class_names,
+        source={"synthetic": cfg.name, "seed": int(seed), "config": asdict(cfg)},
+    )
+
+
+__all__ = [
+    "ClassSpec", "SceneConfig", "PRESETS", "MATERIALS", "SAR_SIGNATURES", "SAR_BANDS",
+    "make_scene", "make_class_map", "get_config", "material_spectra", "sar_means", "interior",
+]
