@@ -83,3 +83,13 @@ def test_torch_export():
     x, t, p = inputs()
     ep = torch.export.export(net, (x, t, p))
     torch.testing.assert_close(ep.module()(x, t, p), net(x, t, p))
+
+
+def test_config_is_plain_data():
+    import json
+    from dataclasses import asdict
+
+    cfg = tiny().config
+    assert UNetConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="feature level"):
+        UNetConfig(in_channels=5, num_modalities=2, channel_mults=(1, 2))  # no level 2 for "high"
