@@ -1,0 +1,65 @@
+"""Augsburg reader: the real TrainImage/TestImage .mat with synthetic HS (180), SAR (4), DSM (1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.io
+
+from bdgf.data.readers import read_augsburg
+from bdgf.data.readers.augsburg import CLASS_NAMES
+from bdgf.data.scene import Scene, write_scene
+from bdgf.errors import InputError
+
+H, W = 332, 485
+
+
+@pytest.fixture(scope="module")
+def augsburg(tmp_path_factory, real_data):
+    d = tmp_path_factory.mktemp("augsburg")
+    rng = np.random.default_rng(2)
+    hs = (rng.integers(0, 50, size=(H, W, 1), dtype=np.int16) + np.arange(180, dtype=np.int16)).astype(np.int16)
+    scipy.io.savemat(d / "data_HS_LR.mat", {"data_HS_LR": hs})
+    scipy.io.savemat(d / "data_SAR_HR.mat", {"data_SAR_HR": rng.normal(0, 1, (H, W, 4)).astype(np.float32)})
+    scipy.io.savemat(d / "data_DSM.mat", {"data_DSM": rng.normal(500, 5, (H, W)).astype(np.float32)})
+    return {"hsi": d / "data_HS_LR.mat", "sar": d / "data_SAR_HR.mat", "dsm": d / "data_DSM.mat",
+            "train": real_data / "augsburg" / "TrainImage.mat", "test": real_data / "augsburg" / "TestImage.mat"}
+
+
+def test_augsburg_real_split_round_trip(augsburg, tmp_path):
+    scene = read_augsburg(**augsburg)
+    assert scene.class_names == CLASS_NAMES and len(CLASS_NAMES) == 7
+    assert scene.source["official_train"] == 761 and scene.source["official_test"] == 77533
+    write_scene(scene, tmp_path / "a.zarr")
+    s = Scene.open(tmp_path / "a.zarr")
+    assert s.bands == {"hsi": 180, "sar": 4, "dsm": 1}
+    assert s.meta.split_counts["train"] + s.meta.split_counts["val"] == 761
+    assert s.meta.split_counts["test"] == 77533
+    raw_test = scipy.io.loadmat(augsburg["test"])["TestImage"]
+    assert raw_test.dtype == np.float32
+    assert np.array_equal(s.labels("test"), raw_test.astype(np.int64))
+    raw_train = scipy.io.loadmat(augsburg["train"])["TrainImage"].astype(np.int64)
+    assert np.array_equal(s.labels("train") + s.labels("val"), raw_train)
+    assert np.count_nonzero(np.bincount(s.labels("test").ravel())[1:]) == 7
+
+
+def test_augsburg_errors(augsburg, tmp_path):
+    test = scipy.io.loadmat(augsburg["test"])["TestImage"].copy()
+    test[test == 3] = 2.5
+    scipy.io.savemat(tmp_path / "TestFrac.mat", {"TestImage": test})
+    with pytest.raises(InputError, match=r"TestFrac\.mat.*non-integer values \(e\.g\. 2\.5\)"):
+        read_augsburg(**{**augsburg, "test": tmp_path / "TestFrac.mat"})
+    scipy.io.savemat(tmp_path / "sar3.mat", {"data_SAR_HR": np.zeros((H, W, 3), np.float32)})
+    with pytest.raises(InputError, match=r"sar3\.mat.*4 bands, found 3"):
+        read_augsburg(**{**augsburg, "sar": tmp_path / "sar3.mat"})
+    scipy.io.savemat(tmp_path / "dsm_small.mat", {"data_DSM": np.zeros((H, W - 1), np.float32)})
+    with pytest.raises(InputError, match=r"dsm_small\.mat.*does not match"):
+        read_augsburg(**{**augsburg, "dsm": tmp_path / "dsm_small.mat"})
+    scipy.io.savemat(tmp_path / "two.mat", {"a": np.zeros((H, W), np.float32), "b": np.zeros((H, W), np.float32)})
+    with pytest.raises(InputError, match=r"two\.mat.*keys found: \['a', 'b'\]"):
+        read_augsburg(**{**augsburg, "dsm": tmp_path / "two.mat"})
+    scipy.io.savemat(tmp_path / "train9.mat", {"TrainImage": np.full((H, W), 9, np.uint8)})
+    with pytest.raises(InputError, match=r"train9\.mat.*outside 0\.\.7"):
+        read_augsburg(**{**augsburg, "train": tmp_path / "train9.mat"})
+    with pytest.raises(InputError, match=r"gone\.mat.*not found"):
+        read_augsburg(**{**augsburg, "hsi": tmp_path / "gone.mat"})
