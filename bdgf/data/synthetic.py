@@ -38,7 +38,7 @@ Presets (``PRESETS``):
 
   * elevation-only separable (same material, so the same spectrum; different height):
     ``grass`` vs ``trees`` (one leaf spectrum; lawn at 0 m, canopy 5–15 m) and
-    ``parking_lot`` vs ``roof_concrete`` (one concrete; ground vs flat roof 4–12 m, both
+    ``parking_lot`` vs ``roof_concrete`` (one concrete; ground vs flat roof 5–12 m, both
     rectangles);
   * HSI-only separable (same height model, different material):
     ``road`` (asphalt) vs ``parking_lot`` (concrete), ``grass`` vs ``soil`` (both at ground), and
@@ -90,10 +90,14 @@ class SceneConfig:
     hsi_noise: float = 0.004  # sensor noise std (reflectance) at 700 nm; larger at the ends
     variability: float = 1.0  # scale of within-class spectral modes and illumination
     n_modes: int = 3  # J within-class spectral modes per material
+    variability_scale: float = 1.0  # correlation length (px) of the within-class mode coefficients
     lidar_bands: int = 1  # 1: DSM; 2: DSM + intensity
     elevation_name: str = "lidar"  # modality name of the elevation raster
     elevation_kind: str = "lidar"  # "lidar" | "dsm"
-    elevation_noise: float = 0.05  # metres
+    elevation_noise: float = 0.05  # LiDAR noise std, metres
+    terrain_slope: float = 0.006  # largest terrain gradient, m/px
+    terrain_relief: float = 0.25  # std of smooth terrain relief, metres
+    ground_roughness: float = 0.08  # micro-relief std of ground-level surfaces, metres
     sar: bool = False
     sar_looks: float = 4.0
     cell_area: float = 400.0  # mean Voronoi cell area (px)
@@ -120,7 +124,7 @@ TREES = _c("trees", "tree_canopy", "cell", "canopy", (5.0, 15.0), "volume")
 SOIL = _c("soil", "soil", "cell")
 WATER = _c("water", "water", "cell", "water", scattering="specular")
 ROAD = _c("road", "asphalt", "line")
-BUILDING = _c("building", "concrete", "rect", "flat", (4.0, 14.0), "double_bounce_low")
+BUILDING = _c("building", "concrete", "rect", "flat", (5.0, 14.0), "double_bounce_low")
 BUILDING_LOW = _c("building_low", "roof_tile", "rect", "flat", (3.0, 8.0), "double_bounce_low")
 BUILDING_HIGH = _c("building_high", "concrete", "rect", "flat", (15.0, 30.0), "double_bounce_high")
 
@@ -139,6 +143,7 @@ PRESETS: dict[str, SceneConfig] = {
     ),
     "imbalance": SceneConfig(
         name="imbalance", height=128, width=128, hsi_bands=80, hsi_noise=0.002,
+        terrain_slope=0.002, terrain_relief=0.08, ground_roughness=0.12,
         classes=(
             _c("grass", "vegetation", "cell", scattering="grass"),
             _c("trees", "vegetation", "cell", "canopy", (5.0, 15.0), "volume"),
@@ -146,10 +151,10 @@ PRESETS: dict[str, SceneConfig] = {
             WATER,
             ROAD,
             _c("parking_lot", "concrete", "rect"),
-            _c("roof_concrete", "concrete", "rect", "flat", (4.0, 12.0), "double_bounce_low"),
-            _c("roof_metal", "metal_roof", "rect", "flat", (4.0, 12.0), "double_bounce_low"),
+            _c("roof_concrete", "concrete", "rect", "flat", (5.0, 12.0), "double_bounce_low"),
+            _c("roof_metal", "metal_roof", "rect", "flat", (5.0, 12.0), "double_bounce_low"),
         ),
-        cell_area=450.0, lines_per_class=2, rects_per_class=5, rect_size=(8, 18),
+        cell_area=450.0, lines_per_class=2, rects_per_class=7, rect_size=(7, 15),
         train_per_class=20, val_per_class=5,
     ),
     "sar": SceneConfig(
@@ -160,6 +165,10 @@ PRESETS: dict[str, SceneConfig] = {
         train_per_class=15, val_per_class=4, label_fraction=0.7,
     ),
 }
+
+# The imbalance preset's designed pairs (class names), measured by tests/test_synthetic.py.
+IMBALANCE_HSI_CONFUSABLE = (("grass", "trees"), ("parking_lot", "roof_concrete"))  # elevation separates
+IMBALANCE_ELEVATION_CONFUSABLE = (("road", "parking_lot"), ("grass", "soil"), ("roof_concrete", "roof_metal"))
 
 # Reflectance spectra as sums of smooth terms over wavelength λ (nm):
 # ("const", a) | ("linear", a): a·(λ−400)/600 | ("gauss", a, centre, width) |
@@ -376,8 +385,8 @@ def _hsi(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> tuple[
     centres, _, _ = band_response(cfg)
     spectra = material_spectra(cfg)
     shape = cmap.shape
-    coeff = np.stack([_field(rng, shape, 2.5) for _ in range(cfg.n_modes)])  # (J, H, W)
-    bright = 1.0 + 0.06 * cfg.variability * _field(rng, shape, 4.0)  # (H, W)
+    coeff = np.stack([_field(rng, shape, cfg.variability_scale) for _ in range(cfg.n_modes)])  # (J, H, W)
+    bright = 1.0 + 0.06 * cfg.variability * _field(rng, shape, cfg.variability_scale)  # (H, W)
     mat_of_class = np.array([""] + [c.material for c in cfg.classes], dtype=object)
     out = np.zeros((cfg.hsi_bands,) + shape)
     for m, spec in spectra.items():
@@ -396,39 +405,56 @@ def _hsi(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> tuple[
 
 
 def _terrain(cfg: SceneConfig, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) metres: a gentle plane (≤ 2 cm/px) plus smooth relief of ~0.5 m."""
+    """(H, W) metres: a gentle plane (≤ terrain_slope m/px) plus smooth relief (std terrain_relief)."""
     h, w = cfg.height, cfg.width
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    gy, gx = rng.uniform(-0.02, 0.02, size=2)
-    return gy * yy + gx * xx + 0.5 * _field(rng, (h, w), max(h, w) / 6)
+    gy, gx = rng.uniform(-cfg.terrain_slope, cfg.terrain_slope, size=2)
+    return gy * yy + gx * xx + cfg.terrain_relief * _field(rng, (h, w), max(h, w) / 6)
 
 
-def _stratified(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
-    """(n,) values spread evenly over [lo, hi] in random order (one per stratum)."""
-    return lo + (hi - lo) * (rng.permutation(n) + rng.uniform(size=n)) / max(n, 1)
+def _flat_tops(cfg: SceneConfig, comps: dict[int, np.ndarray], rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """{class k: (n_k,) roof height per component} for "flat" classes.
+
+    Classes with the same height range share one stratified pool of heights: in each round every
+    class takes one of G consecutive strata (G classes, random order), so their height
+    distributions match and elevation alone cannot tell them apart."""
+    groups: dict[tuple, list[int]] = {}
+    for k, spec in enumerate(cfg.classes, 1):
+        if spec.height == "flat":
+            groups.setdefault(tuple(spec.height_range), []).append(k)
+    out = {}
+    for (lo, hi), ks in groups.items():
+        counts = {k: int(comps[k].max()) for k in ks}
+        order = [k for r in range(max(counts.values())) for k in rng.permutation(ks) if r < counts[k]]
+        n = len(order)
+        values = lo + (hi - lo) * (np.arange(n) + rng.uniform(size=n)) / max(n, 1)
+        for k in ks:
+            out[k] = rng.permutation(values[np.array(order) == k]) if counts[k] else np.zeros(0)
+    return out
 
 
 def _heights(cfg: SceneConfig, cmap: np.ndarray, terrain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(H, W) DSM in metres without sensor noise: terrain plus each class's object height."""
-    dsm = terrain.copy()
+    dsm = terrain + cfg.ground_roughness * rng.standard_normal(cmap.shape)
     rough = _field(rng, cmap.shape, 1.2)
+    comps = {k: ndimage.label(cmap == k)[0] for k in range(1, len(cfg.classes) + 1)}
+    tops = _flat_tops(cfg, comps, rng)
     for k, spec in enumerate(cfg.classes, 1):
-        comps, n = ndimage.label(cmap == k)
+        lab = comps[k]
+        sel = lab > 0
+        n = int(lab.max())
         if n == 0:
             continue
         lo, hi = spec.height_range
         idx = np.arange(1, n + 1)
         if spec.height == "water":  # flat surface at the lowest terrain of each water body
-            level = ndimage.minimum(terrain, comps, idx)
-            dsm[comps > 0] = np.asarray(level)[comps[comps > 0] - 1]
+            dsm[sel] = np.asarray(ndimage.minimum(terrain, lab, idx))[lab[sel] - 1]
         elif spec.height == "flat":  # flat roof: terrain at the footprint's centre + height
-            tops = np.asarray(ndimage.mean(terrain, comps, idx)) + _stratified(rng, n, lo, hi)
-            dsm[comps > 0] = tops[comps[comps > 0] - 1]
-        elif spec.height == "canopy":
-            base = _stratified(rng, n, lo + 0.3 * (hi - lo), hi - 0.3 * (hi - lo))
-            sel = comps > 0
-            canopy = base[comps[sel] - 1] + 0.2 * (hi - lo) * rough[sel] + 0.5 * rng.standard_normal(sel.sum())
-            dsm[sel] += np.clip(canopy, lo, hi)
+            dsm[sel] = (np.asarray(ndimage.mean(terrain, lab, idx)) + tops[k])[lab[sel] - 1]
+        elif spec.height == "canopy":  # rough canopy, mean height per stand
+            base = lo + (hi - lo) * (0.3 + 0.4 * (rng.permutation(n) + rng.uniform(size=n)) / n)
+            canopy = base[lab[sel] - 1] + 0.2 * (hi - lo) * rough[sel] + 0.5 * rng.standard_normal(sel.sum())
+            dsm[sel] = terrain[sel] + np.clip(canopy, lo, hi)
         elif spec.height != "ground":
             raise InputError(f"class {spec.name!r}: unknown height model {spec.height!r}")
     return dsm
@@ -547,6 +573,6 @@ def make_scene(preset: Union[str, SceneConfig], seed: int = 0) -> SceneData:
 
 
 __all__ = [
-    "ClassSpec", "SceneConfig", "PRESETS", "MATERIALS", "SAR_SIGNATURES", "SAR_BANDS",
+    "ClassSpec", "SceneConfig", "PRESETS", "IMBALANCE_HSI_CONFUSABLE", "IMBALANCE_ELEVATION_CONFUSABLE", "MATERIALS", "SAR_SIGNATURES", "SAR_BANDS",
     "make_scene", "make_class_map", "get_config", "material_spectra", "sar_means", "interior",
 ]
