@@ -127,6 +127,140 @@ def preview(
         _fail(exc)
 
 
+def _run_config(config: Optional[Path], overrides: list[str] | None):
+    from bdgf.config import RunConfig
+
+    cfg = RunConfig.load(config) if config else RunConfig()
+    if overrides:
+        import yaml
+
+        pairs = {k: yaml.safe_load(v) for k, v in _parse_pairs(overrides, "--set").items()}
+        cfg = cfg.with_overrides(pairs)
+    return cfg
+
+
+def _seeds(seeds: Optional[str]) -> list[int] | None:
+    if not seeds:
+        return None
+    try:
+        return [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise BDGFError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+
+
+@app.command()
+def pretrain(
+    store: Path = typer.Argument(..., help="Scene store."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create."),
+    config: Optional[Path] = typer.Option(None, help="YAML run config (sections pretrain/features/train)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: pretrain.steps=200 (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Start over in an existing run directory."),
+    workers: int = typer.Option(0, help="Ray Train workers (0: plain single process)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --workers)."),
+) -> None:
+    """Stage 1: pretrain the balanced multimodal denoiser with adaptive modality masking."""
+    try:
+        cfg = _run_config(config, set_)
+        if workers:
+            from training.launch import distributed_pretrain
+
+            summary = distributed_pretrain(store, out, cfg, workers=workers, address=address, resume=resume)
+        else:
+            from bdgf.engine.pretrain import pretrain as run_pretrain
+
+            summary = run_pretrain(store, out, cfg, resume=resume, overwrite=overwrite)
+        typer.echo(_fmt_pretrain(summary))
+    except BDGFError as exc:
+        _fail(exc)
+
+
+def _fmt_pretrain(s: dict) -> str:
+    mods = ", ".join(f"{n}: loss {s['loss_per_modality'][n]:.4f} p_mask {s['p_mask'][n]:.2f}" for n in s["loss_per_modality"])
+    return f"pretrained {s['steps']} steps, loss {s['final_loss']:.4f} ({mods}); most masked: {s['most_masked']}"
+
+
+@app.command()
+def features(
+    store: Path = typer.Argument(..., help="Scene store (features are cached into it)."),
+    run: Path = typer.Option(..., "--run", help="Run directory with a pretrained denoiser."),
+    workers: int = typer.Option(0, help="Ray workers (0: plain single process)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --workers)."),
+) -> None:
+    """Compute dense diffusion features (low/mid/high) and cache them in the store."""
+    try:
+        if workers:
+            from training.launch import distributed_features
+
+            s = distributed_features(store, run, workers=workers, address=address)
+        else:
+            from bdgf.engine.features import compute_features
+
+            s = compute_features(store, run)
+        verb = {"reuse": "reused cached", "resume": "resumed", "new": "computed",
+                "recompute": "recomputed (cache was for another checkpoint)"}[s["state"]]
+        typer.echo(f"{verb} features for checkpoint {s['checkpoint']}: {s['channels']}")
+    except BDGFError as exc:
+        _fail(exc)
+
+
+@app.command()
+def train(
+    store: Path = typer.Argument(..., help="Scene store with cached features."),
+    run: Path = typer.Option(..., "--run", help="Run directory."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2 (default: the config's)."),
+    branches: Optional[str] = typer.Option(None, help="Subset of cnn,mamba,transformer (ablations)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: train.epochs=10."),
+    workers: int = typer.Option(0, help="Ray Train workers (0: plain single process)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --workers)."),
+) -> None:
+    """Stage 2: train the diffusion-guided multi-branch classifier (model selection on val)."""
+    try:
+        import yaml
+
+        overrides = {k: yaml.safe_load(v) for k, v in _parse_pairs(set_, "--set").items()}
+        if branches:
+            overrides["train.branches"] = [b.strip() for b in branches.split(",")]
+        for s in _seeds(seeds) or [None]:
+            if workers:
+                from training.launch import distributed_train
+
+                r = distributed_train(store, run, seed=s, overrides=overrides, workers=workers, address=address)
+            else:
+                from bdgf.engine.classify import train as run_train
+
+                r = run_train(store, run, seed=s, overrides=overrides)
+            typer.echo(f"seed {r['seed']}: best val OA {r['val_oa']:.4f} at epoch {r['epoch']}")
+    except BDGFError as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(
+    store: Path = typer.Argument(..., help="Scene store with cached features."),
+    run: Path = typer.Option(..., "--run", help="Run directory with trained classifiers."),
+    split: str = typer.Option("test", help="Split to score."),
+    seeds: Optional[str] = typer.Option(None, help="Seeds to score (default: every trained seed)."),
+) -> None:
+    """Score the trained classifiers: OA, AA, kappa, per class, per branch; metrics.json + map PNG."""
+    try:
+        from bdgf.engine.classify import evaluate as run_evaluate
+
+        typer.echo(format_metrics(run_evaluate(store, run, split=split, seeds=_seeds(seeds))))
+    except BDGFError as exc:
+        _fail(exc)
+
+
+def format_metrics(m: dict) -> str:
+    def ms(d: dict) -> str:
+        return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+
+    lines = [f"{m['split']} over seeds {m['seeds']}: OA {ms(m['oa'])}  AA {ms(m['aa'])}  kappa {ms(m['kappa'])}"]
+    for b, d in m["branches"].items():
+        lines.append(f"  {b:<12} OA {ms(d['oa'])}  AA {ms(d['aa'])}  kappa {ms(d['kappa'])}")
+    return "\n".join(lines)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

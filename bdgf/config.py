@@ -65,7 +65,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     branches: list = field(default_factory=lambda: ["cnn", "mamba", "transformer"])
-    use_features: bool = True  # False: the branches see only the modalities (ablation)
     val_every: int = 1  # epochs
     patience: int = 10  # epochs without val improvement before stopping
     seed: int = 0
