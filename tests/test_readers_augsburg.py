@@ -61,5 +61,9 @@ def test_augsburg_errors(augsburg, tmp_path):
     scipy.io.savemat(tmp_path / "train9.mat", {"TrainImage": np.full((H, W), 9, np.uint8)})
     with pytest.raises(InputError, match=r"train9\.mat.*outside 0\.\.7"):
         read_augsburg(**{**augsburg, "train": tmp_path / "train9.mat"})
+    # a single numeric array under another name, beside a string, is still found
+    scipy.io.savemat(tmp_path / "dsm_renamed.mat", {"elev": np.ones((H, W), np.float32), "note": "metres"})
+    s = read_augsburg(**{**augsburg, "dsm": tmp_path / "dsm_renamed.mat"}, val_fraction=0)
+    assert s.modalities["dsm"].bands == 1 and float(s.modalities["dsm"].data.max()) == 1.0
     with pytest.raises(InputError, match=r"gone\.mat.*not found"):
         read_augsburg(**{**augsburg, "hsi": tmp_path / "gone.mat"})

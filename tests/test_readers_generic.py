@@ -115,3 +115,11 @@ def test_failed_ingest_leaves_nothing(files, tmp_path):
         write_scene(scene, tmp_path / "x.zarr")
     assert sorted(os.listdir(tmp_path)) == before  # no x.zarr, no .x.zarr.tmp-*
     assert not any(n.startswith(".") or n.endswith(".zarr") for n in before)
+
+
+def test_generic_label_geotiff_nodata_kept_as_value(files, tmp_path):
+    """A label GeoTIFF declaring nodata=0 keeps its integer values (nodata is not NaN there)."""
+    d = files["dir"]
+    tif(d / "train_nd.tif", files["train"], nodata=0)
+    s = read_generic({"hsi": d / "hsi.npy"}, {"train": d / "train_nd.tif"}, val_fraction=0)
+    assert s.labels["train"].dtype == np.uint16 and np.array_equal(s.labels["train"], files["train"])

@@ -27,15 +27,17 @@ from bdgf.errors import InputError
 KINDS = ("hsi", "lidar", "sar", "dsm")
 
 
-def _load(spec) -> tuple[np.ndarray, str, Path, str | None, tuple | None]:
-    """(array, format, path, crs, transform) of a GeoTIFF / .npy / .mat[:key]."""
+def _load(spec, label: bool = False) -> tuple[np.ndarray, str, Path, str | None, tuple | None]:
+    """(array, format, path, crs, transform) of a GeoTIFF / .npy / .mat[:key].
+
+    Label GeoTIFFs keep their integer values (single band); modality GeoTIFFs get nodata -> NaN."""
     path, key = split_key(spec)
     check_file(path)
     suffix = path.suffix.lower()
     if suffix in GEOTIFF_SUFFIXES:
         if key is not None:
             raise InputError(f"{spec}: a ':key' suffix is only for .mat files")
-        arr, crs, transform = read_raster(path)
+        arr, crs, transform = read_label_raster(path) if label else read_raster(path)
         return arr, "tif", path, crs, transform
     if suffix == ".npy":
         try:
@@ -78,12 +80,12 @@ def read_generic(
     labels = labels or {}
     raw_labels = {}
     for split, spec in labels.items():
-        arr, fmt, path, _, _ = _load(spec)
-        raw_labels[split] = (np.squeeze(arr) if fmt == "tif" else arr, path)
+        arr, fmt, path, _, _ = _load(spec, label=True)
+        raw_labels[split] = (arr, path)
     loaded = {m: _load(spec) for m, spec in modalities.items()}
     grid = None
     if raw_labels:
-        grid = np.shape(next(iter(raw_labels.values()))[0])
+        grid = np.squeeze(next(iter(raw_labels.values()))[0]).shape
     else:
         grid = next((a.shape[1:] for a, fmt, *_ in loaded.values() if fmt == "tif"), None)
     crs = transform = None

@@ -69,7 +69,7 @@ def load_mat(path) -> dict:
 
 
 def _is_array(v) -> bool:
-    return isinstance(v, np.ndarray) and v.dtype != object and v.dtype.names is None
+    return isinstance(v, np.ndarray) and (np.issubdtype(v.dtype, np.number) or v.dtype == bool)
 
 
 def load_mat_array(path, key: str | None = None) -> np.ndarray:
