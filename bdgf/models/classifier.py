@@ -1,0 +1,131 @@
+"""BDGF stage-2 classifier: any subset of the three feature-guided branches, one head each.
+
+Tensor-shape glossary
+    B       batch (labelled pixels)
+    C       modality bands, all modalities concatenated (``in_channels``)
+    P       patch side (odd, default 11); the output is for the centre pixel
+    F_low, F_mid, F_high   diffusion-feature channels (``feature_channels["low"|"mid"|"high"]``)
+    K       classes
+    Dz      a branch's embedding width (z)
+
+Branch <- guiding feature level (DESIGN 1.4):  cnn <- low,  mamba <- mid,  transformer <- high.
+The prediction is the mean of the branch softmaxes; each branch's logits and z are also returned
+(for the mutual-learning loss and per-branch reporting).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bdgf.errors import InputError
+from bdgf.models.cnn import CNNBranch, CNNConfig
+from bdgf.models.mamba import MambaBranch, MambaConfig
+from bdgf.models.transformer import TransformerBranch, TransformerConfig
+
+BRANCHES: tuple[str, ...] = ("cnn", "mamba", "transformer")
+FEATURE_OF: dict[str, str] = {"cnn": "low", "mamba": "mid", "transformer": "high"}
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    in_channels: int                      # C
+    feature_channels: dict[str, int]      # {"low": F_low, "mid": F_mid, "high": F_high}; only the used levels are needed
+    num_classes: int                      # K
+    patch_size: int = 11                  # P (odd)
+    branches: tuple[str, ...] = BRANCHES  # any non-empty subset of BRANCHES, in this order
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "branches", tuple(self.branches))
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise InputError(f"patch_size must be odd and positive, got {self.patch_size}")
+        if self.in_channels < 1 or self.num_classes < 2:
+            raise InputError(f"need in_channels >= 1 and num_classes >= 2, got {self.in_channels}, {self.num_classes}")
+        bad = [b for b in self.branches if b not in BRANCHES]
+        if not self.branches or bad or len(set(self.branches)) != len(self.branches):
+            raise InputError(f"branches must be a non-empty subset of {BRANCHES} without repeats, got {self.branches}")
+        for b in self.branches:
+            lvl = FEATURE_OF[b]
+            if self.feature_channels.get(lvl, 0) < 1:
+                raise InputError(f"branch {b!r} needs feature_channels[{lvl!r}] >= 1, got {self.feature_channels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for run metadata and checkpoints)."""
+        d = asdict(self)
+        d["branches"] = list(self.branches)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+        d = dict(d)
+        for key, sub in (("cnn", CNNConfig), ("mamba", MambaConfig), ("transformer", TransformerConfig)):
+            if isinstance(d.get(key), dict):
+                d[key] = sub(**d[key])
+        d["branches"] = tuple(d.get("branches", BRANCHES))
+        return cls(**d)
+
+
+class BDGFClassifier(nn.Module):
+    """Multi-branch classifier.
+
+    forward(patch (B, C, P, P), low (B, F_low, P, P), mid (B, F_mid, P, P), high (B, F_high, P, P))
+      -> {"logits": {branch: (B, K)}, "z": {branch: (B, Dz)}, "probs": (B, K)}
+    Feature maps of unused branches may be None.
+    """
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = cfg = config
+        C, P, fc = cfg.in_channels, cfg.patch_size, cfg.feature_channels
+        self.branches = nn.ModuleDict()
+        for b in cfg.branches:
+            if b == "cnn":
+                self.branches[b] = CNNBranch(C, fc["low"], P, cfg.cnn)
+            elif b == "mamba":
+                self.branches[b] = MambaBranch(C, fc["mid"], P, cfg.mamba)
+            else:
+                self.branches[b] = TransformerBranch(C, fc["high"], P, cfg.transformer)
+        self.heads = nn.ModuleDict({b: nn.Linear(m.out_dim, cfg.num_classes) for b, m in self.branches.items()})
+
+    @property
+    def z_dims(self) -> dict[str, int]:
+        """Embedding width Dz of each branch (for the mutual-learning projectors)."""
+        return {b: m.out_dim for b, m in self.branches.items()}
+
+    def _run(self, patch, low, mid, high) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        feats = {"low": low, "mid": mid, "high": high}
+        z, logits = {}, {}
+        for b, branch in self.branches.items():          # static loop over the configured branches
+            f = feats[FEATURE_OF[b]]
+            if f is None:
+                raise InputError(f"branch {b!r} needs the {FEATURE_OF[b]!r} features, got None")
+            z[b] = branch(patch, f)                       # (B, Dz)
+            logits[b] = self.heads[b](z[b])               # (B, K)
+        return z, logits
+
+    def forward(self, patch: torch.Tensor, low: torch.Tensor | None = None, mid: torch.Tensor | None = None,
+                high: torch.Tensor | None = None) -> dict[str, Any]:
+        z, logits = self._run(patch, low, mid, high)
+        probs = torch.stack([l.softmax(-1) for l in logits.values()]).mean(0)    # (B, K)
+        return {"logits": logits, "z": z, "probs": probs}
+
+    def predict(self, patch: torch.Tensor, low: torch.Tensor, mid: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """(B, C, P, P), (B, F_*, P, P) x 3 -> probs (B, K). Export path: a fixed graph, no branching on data."""
+        _, logits = self._run(patch, low, mid, high)
+        return torch.stack([l.softmax(-1) for l in logits.values()]).mean(0)
+
+
+class PredictWrapper(nn.Module):
+    """Module whose forward is ``model.predict`` (what torch.export / ONNX export trace)."""
+
+    def __init__(self, model: BDGFClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, patch, low, mid, high):
+        return self.model.predict(patch, low, mid, high)

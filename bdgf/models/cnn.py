@@ -1,0 +1,100 @@
+"""CNN branch, guided by the **low** (fine) diffusion features through feature fusion.
+
+Tensor-shape glossary
+    B       batch (labelled pixels)
+    C       modality bands, all modalities concatenated (``in_channels``)
+    P       patch side (odd, default 11); the classified pixel is the centre one
+    F_low   channels of the low diffusion features
+    D       branch width (``CNNConfig.width``)
+    D_low   width of the 1x1-projected low features (``CNNConfig.low_width``)
+    S       side left after the unpadded convolutions: S = P - 2 * (1 + num_blocks)
+
+Every convolution is unpadded and every normalisation is per pixel (LayerNorm over channels), so
+the branch is exactly computable densely over a tile: running it on an (H, W) tile gives, at each
+valid position, what it gives on the patch centred there. The final window pooling (mean over the
+S x S window) is a stride-1 average pool in that dense form.
+
+    patch (B, C, P, P) --conv3x3--> (B, D, P-2, P-2) --+
+    low (B, F_low, P, P) --1x1, crop 1--> (B, D_low, P-2, P-2) --+--concat, 1x1--> (B, D, P-2, P-2)
+    --num_blocks x ResBlock (each -2)--> (B, D, S, S) --window mean--> z_cnn (B, D)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bdgf.errors import InputError
+from bdgf.models._shapes import check_shape
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    width: int = 64        # D
+    low_width: int = 32    # D_low
+    num_blocks: int = 2    # residual blocks, each trims 1 pixel per side
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each pixel: (B, D, H, W) -> (B, D, H, W). Pixel-local."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def crop(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Trim ``n`` pixels from every side: (B, D, H, W) -> (B, D, H-2n, W-2n)."""
+    return x[..., n : x.shape[-2] - n, n : x.shape[-1] - n] if n > 0 else x
+
+
+class ResBlock(nn.Module):
+    """Unpadded residual block: (B, D, H, W) -> (B, D, H-2, W-2); the skip path is cropped."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = ChannelNorm(dim)
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=0)
+        self.norm2 = ChannelNorm(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return crop(x, 1) + h
+
+
+class CNNBranch(nn.Module):
+    """forward(patch (B, C, P, P), low (B, F_low, P, P)) -> z_cnn (B, D)."""
+
+    def __init__(self, in_channels: int, low_channels: int, patch_size: int, cfg: CNNConfig = CNNConfig()):
+        super().__init__()
+        side = patch_size - 2 * (1 + cfg.num_blocks)
+        if side < 1:
+            raise InputError(
+                f"CNN branch: patch_size {patch_size} is too small for {cfg.num_blocks} unpadded "
+                f"blocks (needs patch_size >= {2 * (1 + cfg.num_blocks) + 1})"
+            )
+        self.in_channels, self.low_channels, self.patch_size = in_channels, low_channels, patch_size
+        self.out_dim = cfg.width
+        self.stem = nn.Conv2d(in_channels, cfg.width, 3, padding=0)
+        self.stem_norm = ChannelNorm(cfg.width)
+        self.low_proj = nn.Conv2d(low_channels, cfg.low_width, 1)
+        self.fuse = nn.Conv2d(cfg.width + cfg.low_width, cfg.width, 1)
+        self.blocks = nn.Sequential(*[ResBlock(cfg.width) for _ in range(cfg.num_blocks)])
+        self.out_norm = ChannelNorm(cfg.width)
+
+    def forward(self, patch: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        P = self.patch_size
+        check_shape("patch", patch, (None, self.in_channels, P, P), "(B, C, P, P)")
+        check_shape("low", low, (patch.shape[0], self.low_channels, P, P), "(B, F_low, P, P)")
+        x = F.silu(self.stem_norm(self.stem(patch)))             # (B, D, P-2, P-2)
+        g = crop(self.low_proj(low), 1)                           # (B, D_low, P-2, P-2)
+        x = self.fuse(torch.cat([x, g], dim=1))                   # (B, D, P-2, P-2)
+        x = self.out_norm(self.blocks(x))                         # (B, D, S, S)
+        return x.mean(dim=(-2, -1))                               # (B, D) window pooling

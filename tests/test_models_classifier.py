@@ -1,0 +1,104 @@
+"""BDGFClassifier: shapes for every branch subset, gradients, centre-pixel and feature sensitivity,
+input validation."""
+import itertools
+
+import pytest
+import torch
+
+from _models_util import C, FH, FL, FM, K, tiny_config, tiny_inputs
+from bdgf.errors import InputError
+from bdgf.losses import MutualLearningLoss
+from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
+
+SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(BRANCHES, r)]
+
+
+@pytest.mark.parametrize("branches", SUBSETS, ids=lambda s: "+".join(s))
+def test_shapes_every_subset(branches):
+    torch.manual_seed(0)
+    model = BDGFClassifier(tiny_config(branches=branches)).eval()
+    x = tiny_inputs(batch=3)
+    with torch.no_grad():
+        out = model(*x)
+        assert set(out["logits"]) == set(out["z"]) == set(branches)
+        for b in branches:
+            assert out["logits"][b].shape == (3, K)
+            assert out["z"][b].shape == (3, model.z_dims[b])
+        assert out["probs"].shape == (3, K)
+        torch.testing.assert_close(out["probs"].sum(-1), torch.ones(3))
+        mean = torch.stack([out["logits"][b].softmax(-1) for b in branches]).mean(0)
+        torch.testing.assert_close(out["probs"], mean)
+        torch.testing.assert_close(model.predict(*x), out["probs"])
+
+
+def test_unused_features_may_be_none():
+    model = BDGFClassifier(tiny_config(branches=("cnn",))).eval()
+    patch, low, _, _ = tiny_inputs()
+    assert model(patch, low)["probs"].shape == (4, K)
+    with pytest.raises(InputError):
+        BDGFClassifier(tiny_config(branches=("mamba",)))(patch, low)
+
+
+def test_gradients_reach_every_branch():
+    torch.manual_seed(0)
+    model = BDGFClassifier(tiny_config())
+    crit = MutualLearningLoss(model.z_dims)
+    out = model(*tiny_inputs())
+    loss, _ = crit(out["logits"], out["z"], torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_centre_pixel_changes_every_branch():
+    torch.manual_seed(0)
+    model = BDGFClassifier(tiny_config()).eval()
+    patch, low, mid, high = tiny_inputs()
+    p2 = patch.clone()
+    p2[:, :, 3, 3] += 1.0                                     # centre pixel only (P = 7)
+    with torch.no_grad():
+        a, b = model(patch, low, mid, high), model(p2, low, mid, high)
+    for br in BRANCHES:
+        assert not torch.allclose(a["logits"][br], b["logits"][br], atol=1e-6), br
+
+
+@pytest.mark.parametrize("level,branch", [(1, "cnn"), (2, "mamba"), (3, "transformer")])
+def test_features_guide_their_branch_only(level, branch):
+    torch.manual_seed(0)
+    model = BDGFClassifier(tiny_config()).eval()
+    x = list(tiny_inputs())
+    y = list(x)
+    y[level] = x[level] + torch.randn_like(x[level])
+    with torch.no_grad():
+        a, b = model(*x), model(*y)
+    for br in BRANCHES:
+        changed = not torch.allclose(a["logits"][br], b["logits"][br], atol=1e-6)
+        assert changed == (br == branch), br
+
+
+def test_bad_shapes_and_configs_raise():
+    model = BDGFClassifier(tiny_config())
+    patch, low, mid, high = tiny_inputs()
+    bad = [
+        (patch[:, :2], low, mid, high),                        # wrong band count
+        (patch[..., :5, :5], low, mid, high),                  # wrong patch size
+        (patch, low[:, :2], mid, high),                        # wrong low channels
+        (patch, low, mid[:2], high),                           # batch mismatch
+        (patch, low, mid, high[0]),                            # missing batch axis
+    ]
+    for args in bad:
+        with pytest.raises(InputError):
+            model(*args)
+    fc = {"low": FL, "mid": FM, "high": FH}
+    for kw in ({"patch_size": 8}, {"branches": ("cnn", "gnn")}, {"branches": ()}, {"branches": ("cnn", "cnn")}):
+        with pytest.raises(InputError):
+            ClassifierConfig(in_channels=C, feature_channels=fc, num_classes=K, **kw)
+    with pytest.raises(InputError):
+        ClassifierConfig(in_channels=C, feature_channels={"low": FL}, num_classes=K)   # mid/high missing
+    with pytest.raises(InputError):
+        BDGFClassifier(tiny_config(patch_size=3))             # too small for the unpadded CNN
+
+
+def test_config_roundtrip():
+    cfg = tiny_config(branches=("mamba", "cnn"))
+    assert ClassifierConfig.from_dict(cfg.to_dict()) == cfg
