@@ -20,7 +20,7 @@ How a scene is made (every step draws from its own seeded numpy Generator stream
 3. **Elevation** (1, H, W) DSM in metres (2 bands with LiDAR intensity where the preset asks):
    terrain = plane + smooth relief; ground classes sit on it; water is flat per water body;
    trees get a rough canopy within their height range; buildings are flat-topped rectangles with a
-   height drawn per building (stratified within the class range), so their edges are sharp.
+   height per building (area-stratified over the class range), so their edges are sharp.
 4. **SAR** (4, H, W) in dB where the preset asks: a class mean backscatter per polarisation
    (VV, VH, HH, HV: specular water, rough surfaces, volume scattering of canopy, double bounce of
    buildings), multiplied by gamma speckle of ``sar_looks`` looks, then 10·log10.
@@ -31,20 +31,30 @@ How a scene is made (every step draws from its own seeded numpy Generator stream
 
 Presets (``PRESETS``):
 
-- ``tiny`` 48×48, HSI 16 + LiDAR 1, 4 classes, 12 train / 3 val per class: unit tests.
-- ``demo`` 128×128, HSI 32 + LiDAR 1, 6 classes, 30 train / 8 val per class: ``make demo``.
-- ``imbalance`` 128×128, HSI 80 high-SNR bands + LiDAR 1, 8 classes, exactly 20 train / 5 val per
-  class. Designed so that neither modality alone separates every class:
+- ``tiny`` 48×48, HSI 16 + LiDAR 1, 4 classes (grass, trees, building, road), 12 train / 3 val
+  per class: unit tests.
+- ``demo`` 128×128, HSI 32 + LiDAR 1, 6 classes (grass, trees, water, road, building_low,
+  building_high), 30 train / 8 val per class in clusters of 4: ``make demo``.
+- ``imbalance`` 128×128, HSI 80 high-SNR bands + LiDAR 1, 8 classes (grass, trees, soil, water,
+  road, parking_lot, roof_concrete, roof_metal), exactly 20 train / 5 val per class. Designed so
+  that neither modality alone separates every class (``IMBALANCE_HSI_CONFUSABLE``,
+  ``IMBALANCE_ELEVATION_CONFUSABLE``):
 
-  * elevation-only separable (same material, so the same spectrum; different height):
-    ``grass`` vs ``trees`` (one leaf spectrum; lawn at 0 m, canopy 5–15 m) and
-    ``parking_lot`` vs ``roof_concrete`` (one concrete; ground vs flat roof 5–12 m, both
-    rectangles);
-  * HSI-only separable (same height model, different material):
-    ``road`` (asphalt) vs ``parking_lot`` (concrete), ``grass`` vs ``soil`` (both at ground), and
-    ``roof_concrete`` vs ``roof_metal`` (same roof-height distribution, both rectangles).
+  * elevation-only separable (same material, so the same spectrum and the same within-class
+    variability; different height): ``grass`` vs ``trees`` (one leaf spectrum; lawn at 0 m,
+    canopy 5–15 m) and ``parking_lot`` vs ``roof_concrete`` (one concrete, both rectangles;
+    ground vs flat roof 5–12 m);
+  * HSI-only separable (same height model, different material): ``road`` (asphalt) vs
+    ``parking_lot`` (concrete), ``grass`` vs ``soil`` (both at ground; terrain kept nearly flat
+    so location does not leak through elevation), and ``roof_concrete`` vs ``roof_metal`` (both
+    rectangles, roof heights area-stratified over the same 5–12 m).
 
-- ``sar`` 64×64, HSI 24 + SAR 4 + DSM 1 (three modalities, Augsburg-like), 7 classes,
+  Measured with a nearest-class-mean classifier (means from train + val, balanced accuracy on
+  test) over seeds 0–29: the confusable modality scores ~0.53 on average (at most ~0.76, the roof
+  pair, as a class has only a handful of buildings), the other modality ≥ 0.98.
+
+- ``sar`` 64×64, HSI 24 + SAR 4 (dB) + DSM 1 (three modalities, Augsburg-like), 7 classes (grass,
+  trees, soil, water, road, building_low, building_high),
   15 train / 4 val per class.
 """
 
@@ -143,7 +153,7 @@ PRESETS: dict[str, SceneConfig] = {
     ),
     "imbalance": SceneConfig(
         name="imbalance", height=128, width=128, hsi_bands=80, hsi_noise=0.002,
-        terrain_slope=0.002, terrain_relief=0.08, ground_roughness=0.12,
+        terrain_slope=0.001, terrain_relief=0.05, ground_roughness=0.15,
         classes=(
             _c("grass", "vegetation", "cell", scattering="grass"),
             _c("trees", "vegetation", "cell", "canopy", (5.0, 15.0), "volume"),
@@ -415,21 +425,20 @@ def _terrain(cfg: SceneConfig, rng: np.random.Generator) -> np.ndarray:
 def _flat_tops(cfg: SceneConfig, comps: dict[int, np.ndarray], rng: np.random.Generator) -> dict[int, np.ndarray]:
     """{class k: (n_k,) roof height per component} for "flat" classes.
 
-    Classes with the same height range share one stratified pool of heights: in each round every
-    class takes one of G consecutive strata (G classes, random order), so their height
-    distributions match and elevation alone cannot tell them apart."""
-    groups: dict[tuple, list[int]] = {}
+    Area-stratified per class: in a random order of its buildings, each takes the height at the
+    centre of its share of the class's roof area, so the class's roof pixels spread evenly over
+    its height range whatever the building sizes; two classes with the same range then have
+    matching height distributions and elevation alone cannot tell them apart."""
+    out = {}
     for k, spec in enumerate(cfg.classes, 1):
         if spec.height == "flat":
-            groups.setdefault(tuple(spec.height_range), []).append(k)
-    out = {}
-    for (lo, hi), ks in groups.items():
-        counts = {k: int(comps[k].max()) for k in ks}
-        order = [k for r in range(max(counts.values())) for k in rng.permutation(ks) if r < counts[k]]
-        n = len(order)
-        values = lo + (hi - lo) * (np.arange(n) + rng.uniform(size=n)) / max(n, 1)
-        for k in ks:
-            out[k] = rng.permutation(values[np.array(order) == k]) if counts[k] else np.zeros(0)
+            area = np.bincount(comps[k].ravel())[1:].astype(np.float64)
+            order = rng.permutation(area.size)
+            cum = np.cumsum(area[order])
+            centre = np.empty_like(area)
+            centre[order] = (cum - area[order] / 2) / max(cum[-1], 1.0) if area.size else 0.0
+            lo, hi = spec.height_range
+            out[k] = lo + (hi - lo) * centre
     return out
 
 
