@@ -18,6 +18,15 @@ CHANNEL_MODALITY = torch.tensor([0] * C_HSI + [1] * C_LIDAR)
 NAMES = ["hsi", "lidar"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors on a shared 2-core box: 2 OpenMP threads under load run ~10x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_model(seed=0):
     torch.manual_seed(seed)
     return DenoiserUNet(UNetConfig(in_channels=C_HSI + C_LIDAR, num_modalities=2, base_channels=16,
@@ -90,7 +99,7 @@ def test_deterministic_and_mask_embedding_gets_gradient():
 def test_few_steps_reduce_the_loss():
     sched = NoiseSchedule(kind="cosine", num_timesteps=100)
     model = make_model()
-    x0 = structured_batch(b=8)
+    x0 = structured_batch(b=8, h=8, w=8)
     train_mk = AdaptiveModalityMasking(2, warmup_steps=0)
     eval_mk = AdaptiveModalityMasking(2, mode="uniform")
 

@@ -6,6 +6,15 @@ import torch
 from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors on a shared 2-core box: 2 OpenMP threads under load run ~10x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw):
     cfg = dict(in_channels=5, num_modalities=2, base_channels=16, channel_mults=(1, 2, 2),
                attention_heads=2, norm_groups=8)
