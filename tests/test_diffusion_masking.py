@@ -153,3 +153,10 @@ def test_config_errors():
     mk = AdaptiveModalityMasking(2)
     with pytest.raises(ValueError, match="present"):
         mk.update(torch.ones(4, 2), torch.ones(4, 3))
+
+
+def test_non_exclusive_statistic_matches_for_two_modalities():
+    # with M = 2, "m is the only masked one" and "m masked, others present" are the same samples
+    mk = AdaptiveModalityMasking(2, warmup_steps=0, exclusive=False)
+    _run(mk, 30, dependent_on=0)
+    torch.testing.assert_close(mk.probabilities, torch.tensor([0.45, 0.15]))
