@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bdgf.diffusion.schedules import NoiseSchedule
+from bdgf.diffusion.schedules import NoiseSchedule, ScheduleConfig
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -73,6 +73,8 @@ def test_sample_timesteps_range_and_determinism():
 def test_bad_kind_and_state_roundtrip():
     with pytest.raises(ValueError, match="linear"):
         NoiseSchedule(kind="quadratic")
+    with pytest.raises(ValueError, match="kind"):
+        ScheduleConfig(kind="quadratic")  # checked when the config is built, not only when used
     with pytest.raises(ValueError, match="betas"):
         NoiseSchedule(kind="linear", num_timesteps=10)  # scaled beta_end = 0.02 * 100 = 2 > 1
     s = NoiseSchedule(kind="linear", num_timesteps=50)

@@ -28,6 +28,12 @@ class ScheduleConfig:
     cosine_s: float = 0.008  # cosine only: offset that keeps beta_0 from being vanishingly small
     max_beta: float = 0.999  # cosine only: clip that avoids a singularity at t = T - 1
 
+    def __post_init__(self):
+        if self.kind not in ("linear", "cosine"):
+            raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {self.kind!r}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Ho et al. linear schedule, (T,) float64; endpoints scaled by 1000 / T so any T is comparable."""
@@ -56,14 +62,10 @@ class NoiseSchedule:
         config = config or ScheduleConfig()
         if overrides:
             config = ScheduleConfig(**{**config.__dict__, **overrides})
-        if config.num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {config.num_timesteps}")
         if config.kind == "linear":
             betas = linear_betas(config.num_timesteps, config.beta_start, config.beta_end)
-        elif config.kind == "cosine":
-            betas = cosine_betas(config.num_timesteps, config.cosine_s, config.max_beta)
         else:
-            raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {config.kind!r}")
+            betas = cosine_betas(config.num_timesteps, config.cosine_s, config.max_beta)
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must lie in (0, 1); check beta_start / beta_end for this T")
         self.config = config
