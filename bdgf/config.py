@@ -69,7 +69,8 @@ class TrainConfig:
     patience: int = 10  # epochs without val improvement before stopping
     seed: int = 0
     num_workers: int = 0
-    model: dict = field(default_factory=dict)
+    # Mamba sized for CPUs: its parallel scan materialises (B, L, E, N) states.
+    model: dict = field(default_factory=lambda: {"mamba": {"d_model": 32, "d_state": 8, "n_layers": 1}})
     mutual: dict = field(default_factory=dict)
 
 

@@ -46,7 +46,7 @@ class TorchStepper:
 def check_finite(loss: torch.Tensor, step: int, last_good: int | None, where: str) -> None:
     if not torch.isfinite(loss.detach()).all():
         kept = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None else "no checkpoint was written yet"
-        raise TrainingDiverged(f"{where}: loss became {float(loss)} at step {step}; stopped, {kept}")
+        raise TrainingDiverged(f"{where}: loss became {float(loss.detach())} at step {step}; stopped, {kept}")
 
 
 def cycle(loader: Iterable) -> Iterator:
