@@ -2,7 +2,7 @@
 
 Glossary
     Bt  batch of sequences      L  sequence length (tokens)      Dm  channels (d_inner)
-    N   state size per channel  T  chunk length (chunked scan)   nc = ceil(L / T) chunks
+    N   state size per channel  T  chunk length                  nc = ceil(L / T) chunks
     u, delta  (Bt, L, Dm)       A (Dm, N), negative real         B, C (Bt, L, N)
     D  (Dm,) or None            h  (Bt, Dm, N) state             y  (Bt, L, Dm)
 
@@ -10,11 +10,25 @@ Recurrence, t = 0 .. L-1, h_{-1} = 0:
     h_t = exp(delta_t A) * h_{t-1} + (delta_t u_t) B_t      (outer product over Dm x N)
     y_t = sum_n h_t[:, :, n] C_t[n] + D u_t
 
-``selective_scan_ref`` is the step-by-step loop. ``selective_scan_chunked`` computes the same
-thing with a chunked parallel scan: within each chunk of T steps a Hillis-Steele (log2 T levels)
-scan of the pairs (decay a_t = exp(delta_t A) in (0, 1], input x_t), vectorised over all chunks at
-once; then one short loop over chunks carries the state. Only products of decays <= 1 are formed
-(no exp of a positive number, no division by a decay), so it is as stable as the loop.
+``selective_scan_ref`` is the step-by-step loop under autograd (the definition; slow backward).
+``selective_scan_chunked`` (the default everywhere) gives the same result in two forms:
+
+* eager: a custom autograd.Function that walks the sequence chunk by chunk (T steps), keeping
+  only that chunk's (T, Bt, Dm, N) decays/inputs/states in memory, updating the state in place
+  and saving just the chunk-boundary states (Bt, nc, Dm, N). Its backward recomputes each chunk's
+  states from the saved boundary and runs the adjoint recurrence backwards
+  (dh_t = C_t dy_t + a_{t+1} dh_{t+1}), then forms every gradient with a few einsums.
+* traced (torch.export / torch.compile / ONNX): a parallel formulation of plain differentiable
+  ops, :func:`scan_states`: within every chunk a Hillis-Steele scan of (decay, input) pairs
+  (log2 T levels, vectorised over all chunks), then one short loop over chunks carries the
+  state. It gives a compact graph.
+
+Both only ever multiply decays a_t = exp(delta_t A) in (0, 1] (no exp of a positive number, no
+division by a decay), so they are as stable as the loop. Half-precision inputs are computed in
+float32 and the result is cast back. Measured on CPU, the parallel formulation does several
+times the loop's arithmetic and loses to an in-place sequential update per chunk, hence the
+eager form above; the speed-up over the reference comes from not recording the loop's autograd
+graph (see benchmarks/bench_kernels.py).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from . import _checks as ck
 
 
 def check_selective_scan(u, delta, A, B, C, D=None) -> None:
+    """u, delta, B, C share one dtype; A and D may be float32 beside half-precision u (autocast)."""
     ck.need_ndim("u", u, 3, "(Bt, L, Dm)")
     ck.need_float("u", u)
     Bt, L, Dm = u.shape
@@ -35,35 +50,43 @@ def check_selective_scan(u, delta, A, B, C, D=None) -> None:
     N = A.shape[1]
     ck.need_shape("B", B, (Bt, L, N), "(Bt, L, N)")
     ck.need_shape("C", C, (Bt, L, N), "(Bt, L, N)")
+    for name, t in (("delta", delta), ("B", B), ("C", C)):
+        ck.need_same_dtype(name, t, "u", u)
+    ck.need_float("A", A)
     if D is not None:
         ck.need_shape("D", D, (Dm,), "(Dm,)")
-    named = dict(delta=delta, A=A, B=B, C=C) | ({} if D is None else {"D": D})
-    for name, t in named.items():
-        ck.need_same_dtype(name, t, "u", u)
-    ck.need_same_device(dict(u=u, **named))
+        ck.need_float("D", D)
+    ck.need_same_device(dict(u=u, delta=delta, A=A, B=B, C=C) | ({} if D is None else {"D": D}))
+
+
+def _acc_dtype(*ts) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None):
-    """y (Bt, L, Dm) by the step-by-step loop (the definition; slow)."""
+    """y (Bt, L, Dm), dtype of u, by the step-by-step loop (the definition; slow)."""
     check_selective_scan(u, delta, A, B, C, D)
+    acc = _acc_dtype(u, A, D)
+    u_, delta_, A_, B_, C_ = (t.to(acc) for t in (u, delta, A, B, C))
     Bt, L, Dm = u.shape
-    decay = torch.exp(delta[..., None] * A)  # (Bt, L, Dm, N)
-    x = (delta * u)[..., None] * B[:, :, None, :]  # (Bt, L, Dm, N)
-    h = u.new_zeros(Bt, Dm, A.shape[1])
+    decay = torch.exp(delta_[..., None] * A_)  # (Bt, L, Dm, N)
+    x = (delta_ * u_)[..., None] * B_[:, :, None, :]  # (Bt, L, Dm, N)
+    h = u_.new_zeros(Bt, Dm, A.shape[1])
     ys = []
     for t in range(L):
         h = decay[:, t] * h + x[:, t]
-        ys.append((h * C[:, t, None, :]).sum(-1))
+        ys.append((h * C_[:, t, None, :]).sum(-1))
     y = torch.stack(ys, dim=1)
-    return y if D is None else y + D * u
+    return (y if D is None else y + D.to(acc) * u_).to(u.dtype)
+
+
+# ----------------------------------------------------------------------------- parallel (traced)
 
 
 def scan_states(a: torch.Tensor, x: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
     """All states h (Bt, L, Dm, N) of h_t = a_t h_{t-1} + x_t, h_{-1} = 0; a, x (Bt, L, Dm, N).
 
-    Differentiable plain torch ops (no in-place), traceable by torch.export for a fixed L."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    Parallel formulation of differentiable plain ops (no in-place), traceable for a fixed L."""
     Bt, L, Dm, N = a.shape
     T = min(chunk_size, L)
     nc = -(-L // T)
@@ -86,11 +109,102 @@ def scan_states(a: torch.Tensor, x: torch.Tensor, chunk_size: int = 32) -> torch
     return h[:, :L] if pad else h
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int = 32):
-    """y (Bt, L, Dm), same as :func:`selective_scan_ref`, by a chunked parallel scan."""
-    check_selective_scan(u, delta, A, B, C, D)
+def _chunked_parallel(u, delta, A, B, C, D, chunk_size):
     decay = torch.exp(delta[..., None] * A)  # (Bt, L, Dm, N), in (0, 1] for A <= 0
     x = (delta * u)[..., None] * B[:, :, None, :]
-    h = scan_states(decay, x, chunk_size)
-    y = torch.einsum("bldn,bln->bld", h, C)
+    y = torch.einsum("bldn,bln->bld", scan_states(decay, x, chunk_size), C)
     return y if D is None else y + D * u
+
+
+# ----------------------------------------------------------------------------- eager (chunk loop)
+
+
+def _chunk_inputs(u, delta, A, B, t0, t1):
+    """Time-major decays a and inputs x of steps [t0, t1): (T, Bt, Dm, N) each, contiguous."""
+    dl = delta[:, t0:t1].transpose(0, 1)  # (T, Bt, Dm)
+    a = torch.exp(dl[..., None] * A)
+    x = (dl * u[:, t0:t1].transpose(0, 1))[..., None] * B[:, t0:t1].transpose(0, 1)[:, :, None, :]
+    return a, x
+
+
+def _chunk_states(a, x, h):
+    """States (T, Bt, Dm, N) of the chunk from the state h (Bt, Dm, N) before it; in place on x."""
+    for t in range(a.shape[0]):
+        h = x[t].addcmul_(a[t], h)
+    return x
+
+
+def _forward_chunks(u, delta, A, B, C, chunk_size):
+    """y (Bt, L, Dm) without D, and the state before each chunk (nc, Bt, Dm, N)."""
+    Bt, L, Dm = u.shape
+    y = u.new_empty(Bt, L, Dm)
+    h = u.new_zeros(Bt, Dm, A.shape[1])
+    starts = []
+    for t0 in range(0, L, chunk_size):
+        t1 = min(t0 + chunk_size, L)
+        starts.append(h)
+        a, x = _chunk_inputs(u, delta, A, B, t0, t1)
+        hs = _chunk_states(a, x, h)
+        y[:, t0:t1] = torch.einsum("tbdn,btn->btd", hs, C[:, t0:t1])
+        h = hs[-1].clone()
+    return y, torch.stack(starts)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk_size):
+        y, starts = _forward_chunks(u, delta, A, B, C, chunk_size)
+        ctx.save_for_backward(u, delta, A, B, C, starts)
+        ctx.chunk_size = chunk_size
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        T = ctx.chunk_size
+        L = u.shape[1]
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dA = torch.zeros_like(A)
+        carry = torch.zeros_like(starts[0])  # a_{t+1} dh_{t+1} flowing into the chunk's last step
+        for c in reversed(range(starts.shape[0])):
+            t0, t1 = c * T, min(c * T + T, L)
+            a, x = _chunk_inputs(u, delta, A, B, t0, t1)
+            hs = _chunk_states(a, x, starts[c])  # (T, Bt, Dm, N)
+            dyc = dy[:, t0:t1].transpose(0, 1)  # (T, Bt, Dm)
+            dh = dyc[..., None] * C[:, t0:t1].transpose(0, 1)[:, :, None, :]  # C_t dy_t
+            for t in reversed(range(t1 - t0)):
+                carry = a[t] * dh[t].add_(carry)
+            dC[:, t0:t1] = torch.einsum("tbd,tbdn->btn", dyc, hs)
+            h_prev = torch.cat([starts[c][None], hs[:-1]])
+            dlog = dh * h_prev * a  # gradient w.r.t. delta_t A
+            dlt, uc = delta[:, t0:t1].transpose(0, 1), u[:, t0:t1].transpose(0, 1)
+            dA += torch.einsum("tbdn,tbd->dn", dlog, dlt)
+            dxb = torch.einsum("tbdn,btn->tbd", dh, B[:, t0:t1])  # gradient w.r.t. delta_t u_t
+            ddelta[:, t0:t1] = (torch.einsum("tbdn,dn->tbd", dlog, A) + dxb * uc).transpose(0, 1)
+            du[:, t0:t1] = (dxb * dlt).transpose(0, 1)
+            dB[:, t0:t1] = torch.einsum("tbdn,tbd->btn", dh, dlt * uc)
+        return du, ddelta, dA, dB, dC, None
+
+
+def _tracing() -> bool:
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int = 32):
+    """y (Bt, L, Dm), dtype of u: same as :func:`selective_scan_ref`, chunk by chunk (T =
+    chunk_size); the parallel formulation inside a trace (see the module docstring)."""
+    check_selective_scan(u, delta, A, B, C, D)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    acc = _acc_dtype(u, A, D)
+    u_, delta_, A_, B_, C_ = (t.to(acc) for t in (u, delta, A, B, C))
+    if _tracing():
+        y = _chunked_parallel(u_, delta_, A_, B_, C_, None, chunk_size)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
+        y = _ChunkedScan.apply(u_.contiguous(), delta_.contiguous(), A_.contiguous(), B_.contiguous(),
+                               C_.contiguous(), chunk_size)
+    else:
+        with torch.no_grad():
+            y = _forward_chunks(u_, delta_, A_, B_, C_, chunk_size)[0]
+    return (y if D is None else y + D.to(acc) * u_).to(u.dtype)
