@@ -469,7 +469,7 @@ class Scene:
         for k, cname in enumerate(m.class_names, start=1):
             lines.append("    " + f"{k:>2} {cname[:21]:<21}" + "".join(f"{counts[s][k]:>9}" for s in self.splits))
         lines.append("    " + f"{'total':<24}" + "".join(f"{m.split_counts[s]:>9}" for s in self.splits))
-        feats = list(self.root["features"].array_keys()) if "features" in self.root else []
+        feats = [k for k in self.root["features"].array_keys() if not k.startswith("_")] if "features" in self.root else []
         if feats:
             lines.append(f"  cached features: {', '.join(sorted(feats))}")
         return "\n".join(lines)
