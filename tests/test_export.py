@@ -4,11 +4,32 @@ import numpy as np
 import pytest
 import torch
 
-from _models_util import tiny_config, tiny_inputs
-from bdgf.models import BDGFClassifier
+from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
 from bdgf.models.classifier import PredictWrapper
 
+C, FL, FM, FH, K = 4, 6, 5, 7, 3
+
+
+def tiny_config(patch_size=7, branches=BRANCHES, num_classes=K):
+    return ClassifierConfig.tiny(C, {"low": FL, "mid": FM, "high": FH}, num_classes, patch_size, branches)
+
+
+def tiny_inputs(batch=4, patch_size=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, c, patch_size, patch_size, generator=g) for c in (C, FL, FM, FH))
+
+
+
 P = 5  # smallest patch the tiny CNN branch takes: keeps the traced scan short
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core runner this is faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +60,9 @@ def test_onnx_export_matches_eager(wrapper, exported, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "bdgf.onnx"
     torch.onnx.export(exported, f=str(path), dynamo=True, output_names=["probs"])
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     for batch in (1, 6):
         x = tiny_inputs(batch=batch, patch_size=P, seed=batch)
         feed = {name: t.numpy() for name, t in zip(("patch", "low", "mid", "high"), x)}

@@ -5,10 +5,20 @@ import itertools
 import pytest
 import torch
 
-from _models_util import C, FH, FL, FM, K, tiny_config, tiny_inputs
 from bdgf.errors import InputError
 from bdgf.losses import MutualLearningLoss
 from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
+
+C, FL, FM, FH, K = 4, 6, 5, 7, 3
+
+
+def tiny_config(patch_size=7, branches=BRANCHES, num_classes=K):
+    return ClassifierConfig.tiny(C, {"low": FL, "mid": FM, "high": FH}, num_classes, patch_size, branches)
+
+
+def tiny_inputs(batch=4, patch_size=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, c, patch_size, patch_size, generator=g) for c in (C, FL, FM, FH))
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(BRANCHES, r)]
 

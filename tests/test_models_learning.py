@@ -2,13 +2,20 @@
 
 The class is set by the mean of band 0 over the central 3x3 region (three levels); everything else,
 including the diffusion features, is noise."""
+import pytest
 import torch
 
-from _models_util import C, FH, FL, FM, tiny_config
 from bdgf.losses import MutualLearningConfig, MutualLearningLoss
-from bdgf.models import BDGFClassifier
+from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
 
-K, P = 3, 7
+C, FL, FM, FH, K = 4, 6, 5, 7, 3
+
+
+def tiny_config(patch_size=7, branches=BRANCHES, num_classes=K):
+    return ClassifierConfig.tiny(C, {"low": FL, "mid": FM, "high": FH}, num_classes, patch_size, branches)
+
+
+P = 5
 
 
 def synthetic(n, g):
@@ -20,7 +27,16 @@ def synthetic(n, g):
     return (patch, *feats), y
 
 
-def test_learns_centre_region_rule():
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on the shared 2-core runner this is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_learns_centre_region_rule(one_thread):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     model = BDGFClassifier(tiny_config(patch_size=P, num_classes=K))
@@ -38,6 +54,6 @@ def test_learns_centre_region_rule():
     with torch.no_grad():
         out = model(*x)
     acc = (out["probs"].argmax(-1) == y).float().mean().item()
-    assert acc > 0.8, acc                                     # chance is 1/3
+    assert acc > 0.9, acc                                     # chance is 1/3 (seeds 0-2 give ~0.99)
     for b, logits in out["logits"].items():
-        assert (logits.argmax(-1) == y).float().mean().item() > 0.6, b
+        assert (logits.argmax(-1) == y).float().mean().item() > 0.8, b

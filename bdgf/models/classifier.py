@@ -54,6 +54,18 @@ class ClassifierConfig:
             if self.feature_channels.get(lvl, 0) < 1:
                 raise InputError(f"branch {b!r} needs feature_channels[{lvl!r}] >= 1, got {self.feature_channels}")
 
+    @classmethod
+    def tiny(cls, in_channels: int, feature_channels: dict[str, int], num_classes: int, patch_size: int = 7,
+             branches: tuple[str, ...] = BRANCHES) -> "ClassifierConfig":
+        """A very small model (width 16, one block/layer per branch) for tests, demos and smoke runs."""
+        return cls(
+            in_channels=in_channels, feature_channels=dict(feature_channels), num_classes=num_classes,
+            patch_size=patch_size, branches=branches,
+            cnn=CNNConfig(width=16, low_width=8, num_blocks=1),
+            mamba=MambaConfig(d_model=16, n_layers=1, d_state=4, expand=2, d_conv=3, groups=4, gate_hidden=16),
+            transformer=TransformerConfig(dim=16, depth=1, heads=2, mlp_ratio=2),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for run metadata and checkpoints)."""
         d = asdict(self)
