@@ -112,3 +112,20 @@ def test_bad_shapes_and_configs_raise():
 def test_config_roundtrip():
     cfg = tiny_config(branches=("mamba", "cnn"))
     assert ClassifierConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(InputError, match="widht"):
+        ClassifierConfig.from_dict({**cfg.to_dict(), "cnn": {"widht": 8}})
+    with pytest.raises(InputError, match="colour"):
+        ClassifierConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_cnn_branch_dense_equals_patchwise():
+    """DESIGN 1.4: unpadded convolutions + window pooling make the CNN branch exactly dense."""
+    torch.manual_seed(0)
+    cnn = BDGFClassifier(tiny_config(patch_size=5, branches=("cnn",))).branches["cnn"].eval()
+    tile, low = torch.randn(2, C, 8, 9), torch.randn(2, FL, 8, 9)
+    with torch.no_grad():
+        dense = cnn.dense(tile, low)                            # (2, D, 4, 5)
+        assert dense.shape == (2, cnn.out_dim, 4, 5)
+        for i, j in [(0, 0), (1, 3), (3, 4)]:
+            z = cnn(tile[..., i : i + 5, j : j + 5], low[..., i : i + 5, j : j + 5])
+            torch.testing.assert_close(dense[..., i, j], z, rtol=1e-5, atol=1e-5)

@@ -68,3 +68,12 @@ def test_branch_centre_token_sees_corners_and_mid_gates():
         br(patch, torch.randn(2, 4, 5, 5))
     with pytest.raises(InputError):
         MambaBranch(3, 5, 5, MambaConfig(d_model=8, groups=3))
+
+
+def test_block_under_bf16_autocast_and_bf16_params():
+    torch.manual_seed(0)
+    blk = MambaBlock(8, d_state=4, expand=2, d_conv=3)
+    x = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(blk(x)).all()
+    assert blk.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16

@@ -14,7 +14,7 @@ The prediction is the mean of the branch softmaxes; each branch's logits and z a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,6 +27,12 @@ from bdgf.models.transformer import TransformerBranch, TransformerConfig
 
 BRANCHES: tuple[str, ...] = ("cnn", "mamba", "transformer")
 FEATURE_OF: dict[str, str] = {"cnn": "low", "mamba": "mid", "transformer": "high"}
+
+
+def _no_unknown(where: str, d: dict[str, Any], cls: type) -> None:
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise InputError(f"{where}: unknown keys {unknown}; known: {sorted(f.name for f in fields(cls))}")
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,12 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+        """Inverse of ``to_dict``; unknown keys are an InputError naming them."""
         d = dict(d)
+        _no_unknown("classifier config", d, cls)
         for key, sub in (("cnn", CNNConfig), ("mamba", MambaConfig), ("transformer", TransformerConfig)):
             if isinstance(d.get(key), dict):
+                _no_unknown(f"classifier config [{key}]", d[key], sub)
                 d[key] = sub(**d[key])
         d["branches"] = tuple(d.get("branches", BRANCHES))
         return cls(**d)

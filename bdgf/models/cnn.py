@@ -89,12 +89,28 @@ class CNNBranch(nn.Module):
         self.blocks = nn.Sequential(*[ResBlock(cfg.width) for _ in range(cfg.num_blocks)])
         self.out_norm = ChannelNorm(cfg.width)
 
+    def _maps(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B, F_low, H, W) -> (B, D, H-P+S, W-P+S): everything before the pooling."""
+        x = F.silu(self.stem_norm(self.stem(x)))                  # (B, D, H-2, W-2)
+        g = crop(self.low_proj(low), 1)                           # (B, D_low, H-2, W-2)
+        x = self.fuse(torch.cat([x, g], dim=1))                   # (B, D, H-2, W-2)
+        return self.out_norm(self.blocks(x))                      # (B, D, H-P+S, W-P+S)
+
     def forward(self, patch: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         P = self.patch_size
         check_shape("patch", patch, (None, self.in_channels, P, P), "(B, C, P, P)")
         check_shape("low", low, (patch.shape[0], self.low_channels, P, P), "(B, F_low, P, P)")
-        x = F.silu(self.stem_norm(self.stem(patch)))             # (B, D, P-2, P-2)
-        g = crop(self.low_proj(low), 1)                           # (B, D_low, P-2, P-2)
-        x = self.fuse(torch.cat([x, g], dim=1))                   # (B, D, P-2, P-2)
-        x = self.out_norm(self.blocks(x))                         # (B, D, S, S)
-        return x.mean(dim=(-2, -1))                               # (B, D) window pooling
+        return self._maps(patch, low).mean(dim=(-2, -1))          # (B, D) window pooling
+
+    def dense(self, tile: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """z_cnn of every P x P window of a tile at once: (B, C, H, W), (B, F_low, H, W)
+        -> (B, D, H-P+1, W-P+1); entry [..., i, j] equals forward() on the patch whose top-left
+        corner is (i, j), i.e. centred on tile pixel (i + P//2, j + P//2)."""
+        P = self.patch_size
+        check_shape("tile", tile, (None, self.in_channels, None, None), "(B, C, H, W)")
+        H, W = tile.shape[-2:]
+        if H < P or W < P:
+            raise InputError(f"tile: needs H, W >= patch_size {P}, got {tuple(tile.shape)}")
+        check_shape("low", low, (tile.shape[0], self.low_channels, H, W), "(B, F_low, H, W)")
+        S = P - 2 * (1 + len(self.blocks))
+        return F.avg_pool2d(self._maps(tile, low), S, stride=1)

@@ -104,9 +104,11 @@ class MambaMixer(nn.Module):
         x = F.silu(x)
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))                                  # (B, L, E)
-        A = -torch.exp(self.A_log)                                            # (E, N)
-        y = selective_scan(x, delta, A, Bm, Cm, self.D)                       # (B, L, E)
-        return self.out_proj(y * F.silu(res))                                 # (B, L, D)
+        A = -torch.exp(self.A_log.float())                                    # (E, N)
+        # The scan runs in float32 whatever the autocast / parameter dtype (decays exp(delta*A)).
+        f32 = torch.float32
+        y = selective_scan(x.to(f32), delta.to(f32), A, Bm.to(f32), Cm.to(f32), self.D.to(f32))
+        return self.out_proj(y.to(x.dtype) * F.silu(res))                     # (B, L, D)
 
 
 class MambaBlock(nn.Module):
