@@ -1,9 +1,11 @@
 """Triton plumbing: is Triton importable, can it launch here, and lazily jitted kernels.
 
 Triton decides between compiling and interpreting (``TRITON_INTERPRET=1``, numpy) when a function
-is *decorated* with ``triton.jit``. Decorating at import time would freeze that choice to the
-environment of whoever imported ``kernels`` first, so kernel bodies here are plain functions and
-``LazyJit`` applies ``triton.jit`` on first launch, once per mode (compiled / interpreted).
+is *decorated* with ``triton.jit``. That includes Triton's own library (``tl.zeros``, ``tl.sum``
+... are jitted when ``triton.language`` is first imported), so the interpreter works only if the
+variable is set before the process first imports triton. Our own kernel bodies are plain
+functions that ``LazyJit`` jits on first launch, once per mode, so importing ``kernels`` early
+is harmless; ``interpreter_ready`` tells whether Triton's library is in interpreter mode.
 """
 
 from __future__ import annotations
@@ -44,12 +46,22 @@ def _cuda_driver_active() -> bool:
     return True
 
 
+def interpreter_ready() -> bool:
+    """TRITON_INTERPRET is on *and* triton was imported in interpreter mode (see module doc)."""
+    if not (interpreter_on() and triton_importable()):
+        return False
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(std.zeros, InterpretedFunction)
+
+
 def can_launch(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors living on ``device`` in this process."""
     if not triton_importable():
         return False
     if interpreter_on():
-        return device.type == "cpu"
+        return device.type == "cpu" and interpreter_ready()
     return device.type == "cuda" and _cuda_driver_active()
 
 

@@ -27,7 +27,7 @@ import torch
 from . import cross_attention as _ca
 from . import masked_denoise as _md
 from . import selective_scan as _ss
-from ._triton_util import can_launch, interpreter_on
+from ._triton_util import can_launch, interpreter_on, interpreter_ready
 
 log = logging.getLogger("bdgf.kernels")
 
@@ -103,6 +103,10 @@ def backend_for(op_name: str, *tensors) -> str:
         if dev.type == "cpu" and not interpreter_on():
             raise RuntimeError(f"BDGF_KERNELS=triton with CPU tensors for {op_name} needs TRITON_INTERPRET=1 "
                                "(Triton's interpreter); set it, or use BDGF_KERNELS=auto|reference")
+        if dev.type == "cpu" and not interpreter_ready():
+            raise RuntimeError("BDGF_KERNELS=triton: TRITON_INTERPRET=1 is set but triton was imported before it "
+                               "was (its library is in compiled mode); set TRITON_INTERPRET=1 before the "
+                               "process starts")
         if not can_launch(dev):
             raise RuntimeError(f"BDGF_KERNELS=triton but Triton cannot launch on {dev} here "
                                "(triton missing, no active driver, or TRITON_INTERPRET with CUDA tensors)")

@@ -6,7 +6,7 @@ Glossary
     M  modalities              H, W  tile height, width
     x0, eps      (B, C, H, W)  clean tile, Gaussian noise
     sqrt_ab      (B,)          sqrt(alpha_bar_t) per sample;  sqrt_1mab (B,): sqrt(1 - alpha_bar_t)
-    present      (B, M)        bool or float 0/1; 1 = modality present (not masked)
+    present      (B, M)        bool or float/int 0/1; nonzero = modality present (not masked)
     mask_embed   (C,)          learned embedding that replaces a masked modality's channels
     channel_modality (C,)      int64 in [0, M): modality of each channel
 
@@ -39,8 +39,8 @@ def check_noise_and_mask(x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, chann
     ck.need_ndim("present", present, 2, "(B, M)")
     if present.shape[0] != B:
         raise ValueError(f"present must have shape (B, M) with B = {B}, got {tuple(present.shape)}")
-    if present.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"present must be bool or float 0/1, got {present.dtype}")
+    if present.is_complex():
+        raise ValueError(f"present must be bool or float/int 0/1, got {present.dtype}")
     ck.need_shape("mask_embed", mask_embed, (C,), "(C,)")
     ck.need_float("mask_embed", mask_embed)
     ck.need_shape("channel_modality", channel_modality, (C,), "(C,)")
