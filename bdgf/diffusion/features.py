@@ -94,6 +94,21 @@ def position_noise(seed: int, channels: int, row0: int, col0: int, height: int, 
     return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
 
 
+def draw_seed(spec: FeatureSpec, step_index: int, draw: int) -> int:
+    """Seed of the position-keyed noise for timestep ``step_index`` and noise draw ``draw``."""
+    return spec.noise_seed * 1_000_003 + step_index * 7919 + draw
+
+
+def tile_noise(spec: FeatureSpec, channels: int, origins: Sequence[tuple[int, int]], size: int) -> np.ndarray:
+    """(B, n, C, S, S) float32 noise, n = timesteps x draws (timestep-major), for the S×S windows
+    whose global top-left corners are ``origins``."""
+    return np.stack([
+        np.stack([position_noise(draw_seed(spec, i, d), channels, r, c, size, size)
+                  for i in range(len(spec.timesteps)) for d in range(spec.draws)])
+        for r, c in origins
+    ])
+
+
 # ----------------------------------------------------------------------------------------
 # One batch of tiles
 # ----------------------------------------------------------------------------------------
@@ -109,15 +124,12 @@ def tile_features(model: DenoiserUNet, schedule: NoiseSchedule, windows: torch.T
     h, T = spec.halo, spec.tile_size
     present = torch.ones(B, model.config.num_modalities, device=device)
     per_step = {name: [] for name in LEVELS}
+    noise = torch.from_numpy(tile_noise(spec, C, origins, S)).to(device=device, dtype=windows.dtype)
     for i, step in enumerate(spec.timesteps):
         t = torch.full((B,), int(step), dtype=torch.int64, device=device)
         acc = {name: 0.0 for name in LEVELS}
         for d in range(spec.draws):
-            seed = spec.noise_seed * 1_000_003 + i * 7919 + d
-            eps = torch.from_numpy(
-                np.stack([position_noise(seed, C, r, c, S, S) for r, c in origins])
-            ).to(device=device, dtype=windows.dtype)
-            x_t = schedule.add_noise(windows, eps, t)
+            x_t = schedule.add_noise(windows, noise[:, i * spec.draws + d], t)
             _, feats = model.forward_with_features(x_t, t, present)
             for name in LEVELS:
                 f = feats[name]

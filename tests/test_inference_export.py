@@ -1,0 +1,89 @@
+"""The inference graph (denoiser features + classifier on a tile) matches the training-time
+pieces, and exports with torch.export and ONNX, matching eager outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bdgf.diffusion.features import FeatureSpec, tile_features, tile_noise
+from bdgf.diffusion.schedules import NoiseSchedule
+from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
+from bdgf.inference import TileClassifier
+from bdgf.models.classifier import BDGFClassifier, ClassifierConfig
+
+C, M, K, P, T, HALO = 5, 2, 3, 5, 4, 4
+S = T + 2 * HALO
+SPEC = FeatureSpec("test", (5, 60), 1, 9, T, HALO, "concat")
+
+
+@pytest.fixture(scope="module")
+def graph():
+    torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    denoiser = DenoiserUNet(UNetConfig(C, M, base_channels=8, channel_mults=(1, 2, 2), attention_heads=2))
+    fc = {k: v * len(SPEC.timesteps) for k, v in denoiser.feature_channels.items()}
+    classifier = BDGFClassifier(ClassifierConfig.from_dict({
+        "in_channels": C, "feature_channels": fc, "num_classes": K, "patch_size": P,
+        "mamba": {"d_model": 8, "d_state": 4, "n_layers": 1}, "cnn": {"width": 16, "low_width": 8, "num_blocks": 1},
+    }))
+    yield TileClassifier(denoiser, NoiseSchedule(), classifier, SPEC, T).eval(), denoiser, classifier
+    torch.set_num_threads(n)
+
+
+def _inputs(batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randn(batch, C, S, S, generator=g)
+    origins = [(4 * i - HALO, 7 - HALO) for i in range(batch)]
+    return window, torch.from_numpy(tile_noise(SPEC, C, origins, S)), origins
+
+
+def test_graph_features_equal_the_cached_feature_path(graph):
+    model, denoiser, _ = graph
+    window, noise, origins = _inputs(2, 0)
+    with torch.no_grad():
+        dense = model.features(window, noise)
+    cached = tile_features(denoiser, NoiseSchedule(), window, origins, SPEC)
+    for level in ("low", "mid", "high"):
+        torch.testing.assert_close(dense[level][:, :, HALO : HALO + T, HALO : HALO + T], cached[level],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_graph_classifies_each_pixel_from_its_own_patch(graph):
+    model, _, classifier = graph
+    window, noise, _ = _inputs(1, 1)
+    with torch.no_grad():
+        probs = model(window, noise)
+        feats = model.features(window, noise)
+    assert probs.shape == (1, K, T, T)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, T, T))
+    r = P // 2
+    for i, j in [(0, 0), (1, 3), (T - 1, T - 1)]:
+        y, x = HALO + i, HALO + j
+        crop = lambda a: a[:, :, y - r : y + r + 1, x - r : x + r + 1]  # noqa: E731
+        with torch.no_grad():
+            want = classifier.predict(crop(window), crop(feats["low"]), crop(feats["mid"]), crop(feats["high"]))
+        torch.testing.assert_close(probs[0, :, i, j], want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export_and_onnx_match_eager(graph, tmp_path):
+    model, _, _ = graph
+    window, noise, _ = _inputs(2, 2)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (window, noise), dynamic_shapes={"window": {0: batch}, "noise": {0: batch}})
+    w3, n3, _ = _inputs(3, 3)
+    with torch.no_grad():
+        want = model(w3, n3)
+    torch.testing.assert_close(ep.module()(w3, n3), want, atol=1e-5, rtol=1e-5)
+
+    import onnxruntime as ort
+
+    path = tmp_path / "tile.onnx"
+    torch.onnx.export(ep, f=str(path), dynamo=True, input_names=["window", "noise"], output_names=["probs"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"window": w3.numpy(), "noise": n3.numpy()})
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
