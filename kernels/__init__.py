@@ -2,6 +2,10 @@
 
 Use the dispatch functions; they pick Triton on CUDA and the references elsewhere
 (``BDGF_KERNELS=auto|reference|triton`` forces a choice; see :mod:`kernels.dispatch`).
+
+Note: the dispatch functions ``kernels.cross_attention`` and ``kernels.selective_scan`` shadow the
+submodules of the same name as *attributes*; import from the submodules with
+``from kernels.selective_scan import selective_scan_ref`` (works), not ``import kernels.selective_scan as m``.
 """
 
 from .cross_attention import cross_attention_ref
