@@ -54,23 +54,30 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return u.hostname, u.port or (10001 if u.scheme == "ray" else 6379)
 
 
+def _probe(address: str, timeout_s: float) -> None:
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnreachable(
+            f"Ray cluster at {address} does not answer ({exc}); is `ray start --head` running "
+            f"there, and is the port open?") from None
+
+
 def connect(address: str | None = None, timeout_s: float = 3.0) -> None:
     """Join the Ray cluster at ``address`` (or RAY_ADDRESS under ``ray job submit``), or start a
     local one. An address that does not answer fails within ``timeout_s`` naming it."""
     import ray
 
+    if address:  # an address named explicitly is probed even when Ray is already up here
+        _probe(address, timeout_s)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        hp = _host_port(address)
-        if hp is not None:
-            try:
-                socket.create_connection(hp, timeout=timeout_s).close()
-            except OSError as exc:
-                raise ClusterUnreachable(
-                    f"Ray cluster at {address} does not answer ({exc}); is `ray start --head` running "
-                    f"there, and is the port open?") from None
+        _probe(address, timeout_s)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as exc:
@@ -198,6 +205,8 @@ def distributed_pretrain(store: str | Path | Sequence[str | Path], out: str | Pa
     bands = [scenes[0].bands[n] for n in names]
     signature = pretrain_signature(pc, names, bands)
     kind, ds = _ds_config("pretrain", pc.batch_size, workers, pc.grad_clip, ds_config)
+    if address:
+        _probe(address, 3.0)  # before anything is written
     if overwrite and "://" not in storage:
         shutil.rmtree(Path(storage) / name, ignore_errors=True)
     continuing = _precheck_resume(storage, name, signature)
@@ -266,6 +275,8 @@ def distributed_features(store: str | Path, run_dir: str | Path, *, workers: int
 
     if workers < 1:
         raise DistributedConfigError(f"--workers must be >= 1, got {workers}")
+    if address:
+        _probe(address, 3.0)
     store = str(Path(store).resolve())
     scene = open_stores([store], where="driver")[0]
     run = Run(run_dir)
@@ -320,6 +331,8 @@ def distributed_train(store: str | Path, run_dir: str | Path, *, seed: int | Non
     seed = tc.seed if seed is None else int(seed)
     feature_channels = _features_ready(store)
     kind, ds = _ds_config("train", tc.batch_size, workers, tc.grad_clip, ds_config)
+    if address:
+        _probe(address, 3.0)
     model, _ = build_classifier(tc, scene.total_bands, feature_channels, scene.num_classes)
     signature = {"stage": "train", "classifier_config": json.loads(json.dumps(model.config.to_dict())),
                  "seed": seed, "lr": tc.lr, "weight_decay": tc.weight_decay}
@@ -357,3 +370,103 @@ def distributed_train(store: str | Path, run_dir: str | Path, *, seed: int | Non
                "workers": workers, "engine": kind}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# ----------------------------------------------------------------------------------------
+# Script entry points (training/pretrain.py, features.py, train.py)
+# ----------------------------------------------------------------------------------------
+
+
+def _parser(what: str):
+    import argparse
+
+    p = argparse.ArgumentParser(description=what)
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def _run(fn) -> int:
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fn()
+        return 0
+    except BDGFError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise BDGFError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def main_pretrain(argv: list[str] | None = None) -> int:
+    p = _parser("BDGF stage 1 (denoiser pretraining) on Ray Train + DeepSpeed")
+    p.add_argument("--store", action="append", required=True, help="scene store (repeat for several scenes)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", default=None, help="YAML run config")
+    p.add_argument("--set", action="append", dest="set_", help="override, e.g. pretrain.steps=200")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--storage", default=None, help="Ray Train storage path (default RUN/ray)")
+    p.add_argument("--max-failures", type=int, default=None)
+    p.add_argument("--deepspeed-config", default=None)
+    a = p.parse_args(argv)
+
+    def go():
+        cfg = RunConfig.load(a.config) if a.config else RunConfig()
+        if a.set_:
+            cfg = cfg.with_overrides(_overrides(a.set_))
+        s = distributed_pretrain(a.store, a.out, cfg, workers=a.workers, address=a.address, resume=a.resume,
+                                 overwrite=a.overwrite, storage=a.storage, max_failures=a.max_failures,
+                                 ds_config=a.deepspeed_config)
+        mods = ", ".join(f"{n}: loss {s['loss_per_modality'][n]:.4f} p_mask {s['p_mask'][n]:.2f}" for n in s["loss_per_modality"])
+        print(f"pretrained {s['steps']} steps on {s['workers']} workers ({s['engine']}), loss {s['final_loss']:.4f} "
+              f"({mods}); most masked: {s['most_masked']}; {s['tiles_per_s']:.1f} tiles/s; {s['wall_s']:.1f} s")
+
+    return _run(go)
+
+
+def main_features(argv: list[str] | None = None) -> int:
+    p = _parser("BDGF dense diffusion features over Ray tasks")
+    p.add_argument("--store", required=True)
+    p.add_argument("--run", required=True)
+    a = p.parse_args(argv)
+
+    def go():
+        s = distributed_features(a.store, a.run, workers=a.workers, address=a.address)
+        print(f"features {s['state']} for checkpoint {s['checkpoint']}: {s['channels']} ({s['wall_s']:.1f} s)")
+
+    return _run(go)
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    p = _parser("BDGF stage 2 (classifier) on Ray Train + DeepSpeed")
+    p.add_argument("--store", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    p.add_argument("--set", action="append", dest="set_", help="override, e.g. train.epochs=5")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--max-failures", type=int, default=None)
+    p.add_argument("--deepspeed-config", default=None)
+    a = p.parse_args(argv)
+
+    def go():
+        seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [None]
+        for seed in seeds:
+            r = distributed_train(a.store, a.run, seed=seed, overrides=_overrides(a.set_), workers=a.workers,
+                                  address=a.address, storage=a.storage, max_failures=a.max_failures,
+                                  ds_config=a.deepspeed_config)
+            print(f"seed {r['seed']}: best val OA {r['val_oa']:.4f} at epoch {r['epoch']} ({r['workers']} workers, {r['engine']})")
+
+    return _run(go)

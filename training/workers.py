@@ -159,6 +159,16 @@ def _live_log(run_dir: str, rel: str, restored: str, rank: int):
     return JsonlLogger(path, append=True)
 
 
+def _note_restart(run_dir: str, stage: str, rank: int, rec: dict) -> None:
+    """Rank 0 appends a line to RUN/<stage>/restarts.jsonl (where this node sees the run dir)."""
+    import time
+
+    d = Path(run_dir) / stage
+    if rank == 0 and d.exists():
+        with open(d / "restarts.jsonl", "a") as f:
+            f.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
 def _report(stepper, rank: int, metrics: dict, name: str, write_rank0) -> None:
     """Write this rank's part of a checkpoint and report it (a barrier across ranks)."""
     import ray.train
@@ -169,6 +179,11 @@ def _report(stepper, rank: int, metrics: dict, name: str, write_rank0) -> None:
         if rank == 0:
             write_rank0(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name)
+        # Wait until the controller has committed it: a worker killed right after a report must
+        # still restart from this checkpoint (so at most checkpoint_every steps are ever lost).
+        from ray.train import CheckpointConsistencyMode
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,6 +250,7 @@ def pretrain_worker(c: dict) -> None:
             restored_log = (local / "log.jsonl").read_text()
         shutil.rmtree(local, ignore_errors=True)
         log.warning("rank %d: resumed from the checkpoint of step %d", rank, start)
+        _note_restart(c["run_dir"], "pretrain", rank, {"resumed_from_step": start})
     if start >= pc.steps:
         return
 
@@ -337,6 +353,7 @@ def train_worker(c: dict) -> None:
             restored_log = (local / "log.jsonl").read_text()
         shutil.rmtree(local, ignore_errors=True)
         log.warning("rank %d: resumed after epoch %d", rank, done)
+        _note_restart(c["run_dir"], f"train/seed{seed}", rank, {"resumed_after_epoch": done})
     logger = _live_log(c["run_dir"], f"train/seed{seed}/log.jsonl", restored_log, rank)
     state = {"epoch": done}
 

@@ -1,0 +1,200 @@
+"""Ray Train + DeepSpeed stages on a real local Ray (2 CPUs), a tiny synthetic scene, a tiny UNet.
+
+One Ray session for the module; three TorchTrainer runs (pretrain, classifier, killed worker);
+the bad-input tests fail on the driver before anything is launched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from bdgf.config import RunConfig  # noqa: E402
+from bdgf.errors import BDGFError, StoreError  # noqa: E402
+from bdgf.run import read_jsonl  # noqa: E402
+
+TINY_UNET = {"base_channels": 8, "channel_mults": [1, 2], "feature_levels": [0, 1, 1]}
+
+
+def tiny_config(**pretrain) -> RunConfig:
+    over = {
+        "pretrain.tile_size": 16, "pretrain.batch_size": 4, "pretrain.steps": 30, "pretrain.lr": 3e-3,
+        "pretrain.log_every": 1, "pretrain.checkpoint_every": 15, "pretrain.unet": TINY_UNET,
+        "pretrain.schedule": {"kind": "cosine", "num_timesteps": 100},
+        "pretrain.masking": {"mode": "adaptive", "warmup_steps": 5},
+        "features.timesteps": [5, 50], "features.tile_size": 16, "features.halo": 8, "features.batch_size": 8,
+        "train.patch_size": 7, "train.batch_size": 16, "train.epochs": 2, "train.branches": ["cnn"],
+    }
+    over.update({f"pretrain.{k}": v for k, v in pretrain.items()})
+    return RunConfig().with_overrides(over)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    from bdgf.data.scene import write_scene
+    from bdgf.data.synthetic import make_scene
+
+    path = tmp_path_factory.mktemp("scene") / "tiny.zarr"
+    write_scene(make_scene("tiny", 0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_session, store, tmp_path_factory):
+    from training.launch import distributed_pretrain
+
+    run = tmp_path_factory.mktemp("runs") / "pre"
+    summary = distributed_pretrain(store, run, tiny_config(), workers=2)
+    return run, summary
+
+
+def test_pretrain_two_workers_deepspeed(pretrained):
+    from bdgf.engine.pretrain import load_denoiser
+
+    run, summary = pretrained
+    assert summary["engine"] == "deepspeed" and summary["workers"] == 2 and summary["steps"] == 30
+    recs = [r for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    assert all(r["workers"] == 2 and r["global_tiles_per_s"] > 0 for r in recs)
+    first = sum(r["loss"] for r in recs[:5]) / 5
+    last = sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < first, (first, last)
+    # The plain checkpoint in the run dir (what single-process code reads) equals the model state
+    # DeepSpeed saved in the final Ray checkpoint.
+    model, schedule, ckpt = load_denoiser(run / "pretrain" / "denoiser.pt")
+    assert ckpt["step"] == 30 and ckpt["masking"]["step"] == 30  # one update per step, over the global batch
+    ray_ckpt = Path(summary["checkpoint"])
+    ds_state = torch.load(next(ray_ckpt.glob("engine/ds/*model_states.pt")), map_location="cpu", weights_only=False)
+    from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
+
+    ref = DenoiserUNet(UNetConfig(**ckpt["unet_config"]))
+    ref.load_state_dict(ds_state["module"])
+    ref.eval()
+    x = torch.randn(2, model.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 40])
+    present = torch.ones(2, model.config.num_modalities)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, present), ref(x, t, present))
+    info = json.loads((run / "run.json").read_text())
+    assert info["pretrain"]["steps"] == 30 and len(info["stores"]) == 1
+
+
+def test_classifier_two_workers(pretrained, store):
+    from bdgf.engine.classify import load_classifier
+    from bdgf.engine.features import compute_features
+    from training.launch import distributed_train
+
+    run, _ = pretrained
+    compute_features(store, run, progress=False)
+    r = distributed_train(store, run, seed=0, workers=2)
+    assert r["engine"] == "deepspeed" and r["epoch"] >= 1 and 0.0 <= r["val_oa"] <= 1.0
+    model = load_classifier(run / "train" / "seed0" / "classifier.pt")
+    assert model.config.branches == ("cnn",)
+    recs = read_jsonl(run / "train" / "seed0" / "log.jsonl")
+    assert any("val_oa" in x for x in recs) and any("loss" in x for x in recs)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, store, tmp_path, monkeypatch):
+    from training.launch import FAULT_ENV, distributed_pretrain
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"13:{marker}:1")  # SIGKILL rank 1 before step 13, once
+    run = tmp_path / "run"
+    cfg = tiny_config(steps=20, checkpoint_every=5, log_every=1)
+    t0 = time.perf_counter()
+    summary = distributed_pretrain(store, run, cfg, workers=2, max_failures=2)
+    assert marker.exists(), "the worker was not killed"
+    assert summary["steps"] == 20
+    restarts = read_jsonl(run / "pretrain" / "restarts.jsonl")
+    assert restarts and restarts[0]["resumed_from_step"] == 10
+    lost = 13 - 1 - restarts[0]["resumed_from_step"]
+    assert lost <= cfg.pretrain.checkpoint_every
+    steps = [r["step"] for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
+    assert steps == list(range(1, 21))  # the lost steps' lines were dropped and rerun once
+    assert torch.load(run / "pretrain" / "denoiser.pt", weights_only=False)["step"] == 20
+    assert time.perf_counter() - t0 < 240
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: clear errors before anything is launched
+# ----------------------------------------------------------------------------------------
+
+
+def test_unreadable_store(tmp_path):
+    from training.launch import distributed_pretrain
+
+    with pytest.raises(StoreError, match="does not exist"):
+        distributed_pretrain(tmp_path / "nope.zarr", tmp_path / "run", tiny_config(), workers=2)
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(BDGFError, match="empty.zarr"):
+        distributed_pretrain(tmp_path / "empty.zarr", tmp_path / "run", tiny_config(), workers=2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stores_with_different_layouts(store, tmp_path):
+    from bdgf.data.scene import write_scene
+    from bdgf.data.synthetic import make_scene
+    from training.launch import distributed_pretrain
+
+    other = tmp_path / "sar.zarr"
+    write_scene(make_scene("sar", 0), other)
+    with pytest.raises(StoreError, match="different band layouts"):
+        distributed_pretrain([store, other], tmp_path / "run", tiny_config(), workers=2)
+
+
+def test_deepspeed_batch_config_must_fit_world_size(store, tmp_path):
+    from training.engine import DistributedConfigError
+    from training.launch import distributed_pretrain
+
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4,
+                               "gradient_accumulation_steps": 1}))
+    with pytest.raises(DistributedConfigError, match=r"train_batch_size 10 != micro batch 4 × world_size 2"):
+        distributed_pretrain(store, tmp_path / "run", tiny_config(), workers=2, ds_config=str(bad))
+    bad.write_text(json.dumps({"train_batch_size": 9, "gradient_accumulation_steps": 1}))
+    with pytest.raises(DistributedConfigError, match="not divisible"):
+        distributed_pretrain(store, tmp_path / "run", tiny_config(), workers=2, ds_config=str(bad))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_checkpoint_of_another_model(pretrained, store, tmp_path):
+    from training.workers import CheckpointMismatch
+    from training.launch import distributed_pretrain
+
+    run, _ = pretrained
+    other = tmp_path / "run"
+    other.mkdir()
+    shutil.copytree(run / "ray", other / "ray")  # an interrupted run's experiment folder
+    cfg = tiny_config(unet={**TINY_UNET, "base_channels": 16})
+    with pytest.raises(CheckpointMismatch, match=r"unet_config.*checkpoint .*base_channels.: 8.*this run .*base_channels.: 16"):
+        distributed_pretrain(store, other, cfg, workers=2)
+
+
+def test_unreachable_address_fails_fast(store, tmp_path):
+    from training.launch import ClusterUnreachable, distributed_pretrain
+
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterUnreachable, match=r"127\.0\.0\.1:9"):
+        distributed_pretrain(store, tmp_path / "run", tiny_config(), workers=2, address="127.0.0.1:9")
+    with pytest.raises(ClusterUnreachable, match="10.255.255.1:6379"):
+        distributed_pretrain(store, tmp_path / "run", tiny_config(), workers=2, address="10.255.255.1:6379")
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "run").exists()
