@@ -25,10 +25,13 @@ Recurrence, t = 0 .. L-1, h_{-1} = 0:
 
 Both only ever multiply decays a_t = exp(delta_t A) in (0, 1] (no exp of a positive number, no
 division by a decay), so they are as stable as the loop. Half-precision inputs are computed in
-float32 and the result is cast back. Measured on CPU, the parallel formulation does several
-times the loop's arithmetic and loses to an in-place sequential update per chunk, hence the
-eager form above; the speed-up over the reference comes from not recording the loop's autograd
-graph (see benchmarks/bench_kernels.py).
+float32 and the result is cast back.
+
+Measured on a 2-core CPU (benchmarks/bench_kernels.py): the parallel formulation does several
+times the loop's arithmetic over working sets that leave the cache, and loses to the in-place
+sequential update per chunk; hence the eager form. Its gains over the autograd loop: far less
+memory (boundary states instead of every step's tensors), and fewer launches at small sizes;
+at BDGF's larger sizes both are memory-bound and run at similar speed.
 """
 
 from __future__ import annotations
@@ -69,13 +72,13 @@ def selective_scan_ref(u, delta, A, B, C, D=None):
     acc = _acc_dtype(u, A, D)
     u_, delta_, A_, B_, C_ = (t.to(acc) for t in (u, delta, A, B, C))
     Bt, L, Dm = u.shape
-    decay = torch.exp(delta_[..., None] * A_)  # (Bt, L, Dm, N)
-    x = (delta_ * u_)[..., None] * B_[:, :, None, :]  # (Bt, L, Dm, N)
     h = u_.new_zeros(Bt, Dm, A.shape[1])
     ys = []
-    for t in range(L):
-        h = decay[:, t] * h + x[:, t]
-        ys.append((h * C_[:, t, None, :]).sum(-1))
+    # unbind (not indexing [:, t]): its backward stacks the L step gradients once instead of
+    # materialising a full (Bt, L, ...) gradient per step
+    for u_t, d_t, b_t, c_t in zip(u_.unbind(1), delta_.unbind(1), B_.unbind(1), C_.unbind(1)):
+        h = torch.exp(d_t[..., None] * A_) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+        ys.append((h * c_t[:, None, :]).sum(-1))
     y = torch.stack(ys, dim=1)
     return (y if D is None else y + D.to(acc) * u_).to(u.dtype)
 
@@ -119,11 +122,17 @@ def _chunked_parallel(u, delta, A, B, C, D, chunk_size):
 # ----------------------------------------------------------------------------- eager (chunk loop)
 
 
+def _tm(t, t0, t1):
+    """Steps [t0, t1) of a (Bt, L, K) tensor, time-major and contiguous: (T, Bt, K). Keeping every
+    operand contiguous time-major makes the full-size (T, Bt, Dm, N) results contiguous too."""
+    return t[:, t0:t1].transpose(0, 1).contiguous()
+
+
 def _chunk_inputs(u, delta, A, B, t0, t1):
     """Time-major decays a and inputs x of steps [t0, t1): (T, Bt, Dm, N) each, contiguous."""
-    dl = delta[:, t0:t1].transpose(0, 1)  # (T, Bt, Dm)
+    dl = _tm(delta, t0, t1)  # (T, Bt, Dm)
     a = torch.exp(dl[..., None] * A)
-    x = (dl * u[:, t0:t1].transpose(0, 1))[..., None] * B[:, t0:t1].transpose(0, 1)[:, :, None, :]
+    x = (dl * _tm(u, t0, t1))[..., None] * _tm(B, t0, t1)[:, :, None, :]
     return a, x
 
 
@@ -132,6 +141,18 @@ def _chunk_states(a, x, h):
     for t in range(a.shape[0]):
         h = x[t].addcmul_(a[t], h)
     return x
+
+
+def _contract_n(s, v):
+    """sum_n s[t, b, d, n] v[t, b, n] -> (T, Bt, Dm); v (T, Bt, N). Batched matvec."""
+    T, Bt, Dm, N = s.shape
+    return torch.matmul(s.reshape(T * Bt, Dm, N), v.reshape(T * Bt, N, 1)).view(T, Bt, Dm)
+
+
+def _contract_d(w, s):
+    """sum_d w[t, b, d] s[t, b, d, n] -> (Bt, T, N); w (T, Bt, Dm). Batched vecmat."""
+    T, Bt, Dm, N = s.shape
+    return torch.matmul(w.reshape(T * Bt, 1, Dm), s.reshape(T * Bt, Dm, N)).view(T, Bt, N).transpose(0, 1)
 
 
 def _forward_chunks(u, delta, A, B, C, chunk_size):
@@ -145,8 +166,8 @@ def _forward_chunks(u, delta, A, B, C, chunk_size):
         starts.append(h)
         a, x = _chunk_inputs(u, delta, A, B, t0, t1)
         hs = _chunk_states(a, x, h)
-        y[:, t0:t1] = torch.einsum("tbdn,btn->btd", hs, C[:, t0:t1])
-        h = hs[-1].clone()
+        y[:, t0:t1] = _contract_n(hs, _tm(C, t0, t1)).transpose(0, 1)
+        h = hs[-1]  # a view into this chunk's buffer, which is not reused
     return y, torch.stack(starts)
 
 
@@ -171,19 +192,20 @@ class _ChunkedScan(torch.autograd.Function):
             t0, t1 = c * T, min(c * T + T, L)
             a, x = _chunk_inputs(u, delta, A, B, t0, t1)
             hs = _chunk_states(a, x, starts[c])  # (T, Bt, Dm, N)
-            dyc = dy[:, t0:t1].transpose(0, 1)  # (T, Bt, Dm)
-            dh = dyc[..., None] * C[:, t0:t1].transpose(0, 1)[:, :, None, :]  # C_t dy_t
-            for t in reversed(range(t1 - t0)):
-                carry = a[t] * dh[t].add_(carry)
-            dC[:, t0:t1] = torch.einsum("tbd,tbdn->btn", dyc, hs)
-            h_prev = torch.cat([starts[c][None], hs[:-1]])
-            dlog = dh * h_prev * a  # gradient w.r.t. delta_t A
-            dlt, uc = delta[:, t0:t1].transpose(0, 1), u[:, t0:t1].transpose(0, 1)
-            dA += torch.einsum("tbdn,tbd->dn", dlog, dlt)
-            dxb = torch.einsum("tbdn,btn->tbd", dh, B[:, t0:t1])  # gradient w.r.t. delta_t u_t
-            ddelta[:, t0:t1] = (torch.einsum("tbdn,dn->tbd", dlog, A) + dxb * uc).transpose(0, 1)
+            dyc = _tm(dy, t0, t1)  # (T, Bt, Dm)
+            dh = dyc[..., None] * _tm(C, t0, t1)[:, :, None, :]  # C_t dy_t
+            for t in reversed(range(t1 - t0)):  # dh_t = C_t dy_t + a_{t+1} dh_{t+1}
+                torch.mul(a[t], dh[t].add_(carry), out=carry)
+            dC[:, t0:t1] = _contract_d(dyc, hs)
+            dlog = a.mul_(dh)  # gradient w.r.t. delta_t A: dh_t * h_{t-1} * a_t
+            dlog[1:].mul_(hs[:-1])
+            dlog[0].mul_(starts[c])
+            dlt, uc = _tm(delta, t0, t1), _tm(u, t0, t1)
+            dA += (dlog * dlt[..., None]).sum(dim=(0, 1))
+            dxb = _contract_n(dh, _tm(B, t0, t1))  # gradient w.r.t. delta_t u_t, (T, Bt, Dm)
+            ddelta[:, t0:t1] = ((dlog * A).sum(-1) + dxb * uc).transpose(0, 1)
             du[:, t0:t1] = (dxb * dlt).transpose(0, 1)
-            dB[:, t0:t1] = torch.einsum("tbdn,tbd->btn", dh, dlt * uc)
+            dB[:, t0:t1] = _contract_d(dlt * uc, dh)
         return du, ddelta, dA, dB, dC, None
 
 
@@ -191,7 +213,7 @@ def _tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int = 32):
+def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int = 16):
     """y (Bt, L, Dm), dtype of u: same as :func:`selective_scan_ref`, chunk by chunk (T =
     chunk_size); the parallel formulation inside a trace (see the module docstring)."""
     check_selective_scan(u, delta, A, B, C, D)
