@@ -1,0 +1,163 @@
+"""Dense per-tile diffusion features vs one UNet pass per classified pixel's patch.
+
+Both paths use the same denoiser (the demo config's UNet: base 16, mults [1, 2, 2], attention at
+the coarsest level; random weights, since cost does not depend on them) on the same scene (the
+synthetic ``demo`` preset, 128×128, HSI 32 + LiDAR 1) with the same timesteps (5, 50, 150; one
+noise draw each):
+
+* **dense** (ours, DESIGN §1.3): non-overlapping T×T tiles (T = 64) read with a halo h = 16, so
+  one UNet pass over a (T + 2h)² = 96×96 window per tile and timestep serves all T² pixels.
+* **per-patch**: one UNet pass per classified pixel over its own window. The classifier's patch is
+  P×P = 11×11, but this UNet needs sides divisible by 4 (two downsamplings), so the window is
+  12×12 (the 11×11 patch plus one row and one column); 11 would not run at all.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (counts matmul/conv/SDPA; a
+multiply-add is 2 FLOPs; norms and activations are not counted). Wall time: the dense path over the
+whole scene; the per-patch path over a subset of pixels (``--pixels``, batched), extrapolated per
+pixel. Both via ``bdgf.diffusion.features.tile_features`` (noise + UNet + crop), no store writes.
+
+    .venv/bin/python benchmarks/bench_dense_features.py [--pixels 256] [--results benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pixels", type=int, default=256, help="pixels timed on the per-patch path")
+    ap.add_argument("--batch", type=int, default=64, help="windows per UNet call on the per-patch path")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats of the dense path (best kept)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    ap.add_argument("--work", default="/tmp/bdgf_bench/dense")
+    ap.add_argument("--results", default=None, help="write the section into this RESULTS.md")
+    args = ap.parse_args(argv)
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bdgf.config import RunConfig
+    from bdgf.data.scene import Scene, write_scene
+    from bdgf.data.synthetic import make_scene
+    from bdgf.demo import DEMO_OVERRIDES
+    from bdgf.diffusion.features import FeatureSpec, tile_features
+    from bdgf.engine.pretrain import build_denoiser
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "demo.zarr"
+    write_scene(make_scene("demo", 0), store, overwrite=True, progress=False)
+    scene = Scene.open(store)
+    H, W = scene.shape
+    cfg = RunConfig().with_overrides(DEMO_OVERRIDES)
+    bands = [scene.bands[n] for n in scene.modality_names]
+    model, schedule, _ = build_denoiser(cfg.pretrain, bands)
+    model.eval().requires_grad_(False)
+    fc = cfg.features
+    steps = tuple(int(t) for t in fc.timesteps)
+    T, h = fc.tile_size, fc.halo
+    S = T + 2 * h
+    P = cfg.train.patch_size
+    Wp = P + (-P) % model.config.tile_multiple  # 12 for P = 11 and a multiple of 4
+    dense_spec = FeatureSpec(checkpoint="bench", timesteps=steps, draws=1, noise_seed=fc.noise_seed,
+                             tile_size=T, halo=h, reduce=fc.timestep_reduce)
+    patch_spec = FeatureSpec(checkpoint="bench", timesteps=steps, draws=1, noise_seed=fc.noise_seed,
+                             tile_size=Wp, halo=0, reduce=fc.timestep_reduce)
+
+    # --- dense: every tile of the scene ---------------------------------------------------
+    origins = [(r, c) for r in range(0, H, T) for c in range(0, W, T)]
+    windows = torch.from_numpy(np.stack([scene.read_window(r - h, c - h, S, S, concat=True) for r, c in origins]))
+    win_origins = [(r - h, c - h) for r, c in origins]
+    with FlopCounterMode(display=False) as counter:
+        tile_features(model, schedule, windows[:1], win_origins[:1], dense_spec)
+    dense_flops_tile = counter.get_total_flops()  # one tile, all timesteps
+    dense_flops = dense_flops_tile * len(origins)
+    best = float("inf")
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for i in range(0, len(origins), fc.batch_size):
+            tile_features(model, schedule, windows[i : i + fc.batch_size], win_origins[i : i + fc.batch_size], dense_spec)
+        best = min(best, time.perf_counter() - t0)
+    dense_pixels = H * W
+    dense_s_px = best / dense_pixels
+    dense_flops_px = dense_flops / dense_pixels
+
+    # --- per-patch: one 12×12 window per pixel, on a random subset of pixels --------------
+    rng = np.random.default_rng(0)
+    flat = rng.choice(H * W, size=min(args.pixels, H * W), replace=False)
+    centres = [(int(i // W), int(i % W)) for i in flat]
+    lo = P // 2
+    pw = torch.from_numpy(np.stack([scene.read_window(r - lo, c - lo, Wp, Wp, concat=True) for r, c in centres]))
+    po = [(r - lo, c - lo) for r, c in centres]
+    with FlopCounterMode(display=False) as counter:
+        tile_features(model, schedule, pw[:1], po[:1], patch_spec)
+    patch_flops_px = counter.get_total_flops()
+    tile_features(model, schedule, pw[: args.batch], po[: args.batch], patch_spec)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(centres), args.batch):
+        tile_features(model, schedule, pw[i : i + args.batch], po[i : i + args.batch], patch_spec)
+    patch_wall = time.perf_counter() - t0
+    patch_s_px = patch_wall / len(centres)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("UNet input per pass", f"{S}×{S} (tile {T} + halo {h} each side)", f"{Wp}×{Wp} (patch {P}, padded to ×{model.config.tile_multiple})"),
+        ("passes per pixel", f"{len(steps)}/{T * T} = {len(steps) / (T * T):.2e}", f"{len(steps)}"),
+        ("GFLOP per pass", f"{dense_flops_tile / len(steps) / 1e9:.3f}", f"{patch_flops_px / len(steps) / 1e9:.4f}"),
+        ("MFLOP per classified pixel", f"{dense_flops_px / 1e6:.2f}", f"{patch_flops_px / 1e6:.2f}"),
+        ("wall per pixel (µs)", f"{1e6 * dense_s_px:.1f}", f"{1e6 * patch_s_px:.1f}"),
+        ("whole 128×128 scene (s)", f"{best:.2f} (measured)", f"{patch_s_px * dense_pixels:.1f} (extrapolated from {len(centres)} px)"),
+    ]
+    table = "\n".join(["| | dense per tile (ours) | one pass per patch |", "| --- | --- | --- |"]
+                      + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+    ratio_f = patch_flops_px / dense_flops_px
+    ratio_t = patch_s_px / dense_s_px
+    summary = (f"Per classified pixel, per-patch / dense: **{ratio_f:.1f}× the FLOPs, {ratio_t:.1f}× the wall time**. "
+               f"(The dense path pays a halo overhead of (96/64)² = {(S / T) ** 2:.2f}× and still wins because a "
+               f"12×12 pass serves one pixel while a 96×96 pass serves 4096.)")
+    print(table + "\n\n" + summary)
+    section = "\n".join([
+        "## Dense per-tile features vs one UNet pass per patch",
+        "",
+        f"Run {_dt.date.today().isoformat()} on {platform.node() or 'this machine'}: 2 CPU cores shared with other jobs "
+        f"(loaded), torch {torch.__version__}, {torch.get_num_threads()} torch threads. Command: "
+        f"`.venv/bin/python benchmarks/bench_dense_features.py --pixels {args.pixels}"
+        f"{' --threads ' + str(args.threads) if args.threads else ''}`.",
+        "",
+        f"Scene: synthetic `demo` (128×128, {scene.total_bands} bands: HSI 32 + LiDAR 1). Model: the demo UNet "
+        f"({n_params / 1e6:.2f} M parameters, base 16, mults [1, 2, 2], self-attention at the coarsest level), "
+        f"timesteps {list(steps)}, 1 draw. The classifier's patch is 11×11 but this UNet needs sides divisible by "
+        f"{model.config.tile_multiple}, so the per-patch path uses a 12×12 window around each pixel. FLOPs: "
+        "`FlopCounterMode` (matmul/conv/attention, multiply-add = 2). Wall: the dense path over all "
+        f"{len(origins)} tiles (best of {args.repeats}); the per-patch path over {len(centres)} random pixels in "
+        f"batches of {args.batch}, per pixel. No store I/O in either.",
+        "",
+        table,
+        "",
+        summary,
+        "",
+    ])
+    if args.results:
+        from bench_ablation import write_results
+
+        write_results(Path(args.results), section)
+        print(f"wrote section into {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
