@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.cross_attention import cross_attention_ref, cross_attention_triton  # noqa: E402
 from kernels.masked_denoise import (balanced_mse_ref, balanced_mse_triton, noise_and_mask_ref,  # noqa: E402
                                     noise_and_mask_triton)
-from kernels.selective_scan import selective_scan_chunked, selective_scan_ref  # noqa: E402
+from kernels.selective_scan import auto_chunk_size, selective_scan_chunked, selective_scan_ref  # noqa: E402
 
 PEAK_BW = 3.35e12  # H100 SXM HBM3, bytes/s
 PEAK_FLOPS = 990e12  # H100 SXM dense bf16/fp16
@@ -181,9 +181,8 @@ def _peak_mib(name, shape):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench_cpu(quick):
-    reps = 3 if quick else 5
-    print(f"CPU ({torch.get_num_threads()} threads): selective scan, chunked (T=16) vs step-by-step loop "
+def bench_cpu(quick, reps=3):
+    print(f"CPU ({torch.get_num_threads()} threads): selective scan, chunked (auto T) vs step-by-step loop "
           f"(autograd); min of {reps} interleaved runs; load average {os.getloadavg()[0]:.1f}")
     for shape in _scan_shapes(quick):
         args = _scan_inputs(*shape)
@@ -199,7 +198,7 @@ def bench_cpu(quick):
             mem = {n: _peak_mib(n, shape) for n in ("loop", "chunked")}
         except Exception:  # not Linux, or /proc unavailable
             mem = {"loop": float("nan"), "chunked": float("nan")}
-        print(f"  (Bt, L, Dm, N) = {shape}:")
+        print(f"  (Bt, L, Dm, N) = {shape}, T = {auto_chunk_size(shape[0], shape[2], shape[3])}:")
         print(f"    fwd      loop {best['loop fwd']:8.1f} ms  chunked {best['chunked fwd']:8.1f} ms  "
               f"x{best['loop fwd'] / best['chunked fwd']:4.2f}")
         print(f"    fwd+bwd  loop {best['loop fwd+bwd']:8.1f} ms  chunked {best['chunked fwd+bwd']:8.1f} ms  "
@@ -211,11 +210,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even where CUDA is present")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--reps", type=int, default=3, help="CPU: interleaved runs per variant (the minimum counts)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if torch.cuda.is_available() and not a.cpu:
         bench_cuda(a.quick)
     else:
-        bench_cpu(a.quick)
+        bench_cpu(a.quick, a.reps)
 
 
 if __name__ == "__main__":

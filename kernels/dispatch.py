@@ -155,7 +155,7 @@ def cross_attention(q, k, v, scale=None):
     return _run("cross_attention", be, _ca.cross_attention_triton, _ca.cross_attention_ref, q, k, v, scale)
 
 
-def selective_scan(u, delta, A, B, C, D=None, *, chunk_size: int = 16):
+def selective_scan(u, delta, A, B, C, D=None, *, chunk_size: int | None = None):
     """y (Bt, L, Dm); see :func:`kernels.selective_scan.selective_scan_ref`."""
     _ss.check_selective_scan(u, delta, A, B, C, D)
     be = backend_for("selective_scan", u, delta, A, B, C)

@@ -213,10 +213,21 @@ def _tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int = 16):
+def auto_chunk_size(Bt: int, Dm: int, N: int) -> int:
+    """T such that a chunk's (T, Bt, Dm, N) float32 tensors stay near 2 MiB (cache-sized),
+    a power of two in [2, 32]. Measured on CPU: T = 4 at (Bt, Dm, N) = (64, 128, 16) ran 1.3x
+    faster than T = 16; at small sizes T = 16-32 is best (fewer launches)."""
+    t = max(1, (1 << 19) // max(1, Bt * Dm * N))
+    return min(32, max(2, 1 << (t.bit_length() - 1)))
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int | None = None):
     """y (Bt, L, Dm), dtype of u: same as :func:`selective_scan_ref`, chunk by chunk (T =
-    chunk_size); the parallel formulation inside a trace (see the module docstring)."""
+    chunk_size, default :func:`auto_chunk_size`); the parallel formulation inside a trace (see
+    the module docstring)."""
     check_selective_scan(u, delta, A, B, C, D)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(u.shape[0], u.shape[2], A.shape[1])
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     acc = _acc_dtype(u, A, D)

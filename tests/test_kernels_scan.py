@@ -117,3 +117,11 @@ def test_bad_inputs_rejected():
         selective_scan_ref(u, delta, A, B, C, D[:2])
     with pytest.raises(ValueError, match="chunk_size"):
         selective_scan_chunked(u, delta, A, B, C, D, chunk_size=0)
+
+
+def test_auto_chunk_size_and_default():
+    from kernels.selective_scan import auto_chunk_size
+
+    assert auto_chunk_size(64, 128, 16) == 4 and auto_chunk_size(4, 16, 8) == 32 and auto_chunk_size(512, 256, 16) == 2
+    ins = _inputs(2, 40, 3, 2)
+    torch.testing.assert_close(selective_scan_chunked(*ins), selective_scan_ref(*ins))
