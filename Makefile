@@ -26,8 +26,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Long measurements (minutes to tens of minutes); figures go to benchmarks/RESULTS.md.
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow benchmarks
+	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python benchmarks/bench_dense_features.py
+	$(BIN)/python benchmarks/bench_stages.py
+	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/bench_ablation.py
 
 clean:
 	rm -rf $(VENV) demo
