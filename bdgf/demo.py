@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 DEMO_OVERRIDES = {
-    "pretrain.steps": 150,
+    "pretrain.steps": 300,
     "pretrain.batch_size": 8,
     "pretrain.tile_size": 32,
     "pretrain.log_every": 10,
-    "pretrain.checkpoint_every": 50,
+    "pretrain.checkpoint_every": 100,
     "pretrain.unet": {"base_channels": 16, "channel_mults": [1, 2, 2]},
     "pretrain.masking": {"mode": "adaptive", "warmup_steps": 30},
     "features.tile_size": 64,

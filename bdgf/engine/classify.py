@@ -77,9 +77,9 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs:
                  on_best: Callable[[int, float], None] | None = None, progress: bool = False,
                  device="cpu", set_epoch: Callable[[int], None] | None = None) -> dict:
     """Train for up to ``epochs``; after every ``val_every`` epochs score val OA and call
-    ``on_best(epoch, oa)`` when it improves. Stops after ``patience`` epochs without improvement.
+    ``on_best(epoch, oa)`` when it improves (ties in OA broken by the lower val NLL). Stops after ``patience`` epochs without improvement.
     NaN loss stops with TrainingDiverged (the best checkpoint so far is kept)."""
-    best = {"epoch": 0, "val_oa": -1.0}
+    best = {"epoch": 0, "val_oa": -1.0, "val_nll": float("inf")}
     step, since_best = 0, 0
     bar = None
     if progress:
@@ -105,12 +105,14 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs:
         if epoch % val_every == 0 or epoch == epochs:
             y, p, _, _ = predict(model, val_loader, device)
             oa = float((p.argmax(1) == y).mean())
+            nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
             dt = time.perf_counter() - t0
             if on_log is not None:
-                on_log({"epoch": epoch, "val_oa": oa, "patches_per_s": seen / max(dt, 1e-9)})
+                on_log({"epoch": epoch, "val_oa": oa, "val_nll": nll, "patches_per_s": seen / max(dt, 1e-9)})
             t0, seen = time.perf_counter(), 0
-            if oa > best["val_oa"]:
-                best = {"epoch": epoch, "val_oa": oa}
+            # Higher val OA wins; a tie (common on small val splits) goes to the lower val NLL.
+            if oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"]):
+                best = {"epoch": epoch, "val_oa": oa, "val_nll": nll}
                 since_best = 0
                 if on_best is not None:
                     on_best(epoch, oa)
