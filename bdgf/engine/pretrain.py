@@ -124,6 +124,14 @@ def pretrain_loop(
     return logs
 
 
+def _most_masked(logs: dict, names: list[str]) -> str:
+    """The modality with the highest final masking probability, or "none (equal)"."""
+    p = {n: round(logs.get(f"p_mask/{n}", 0.0), 3) for n in names}
+    top = max(p.values()) if p else 0.0
+    leaders = [n for n in names if p[n] == top]
+    return leaders[0] if len(leaders) == 1 else "none (equal)"
+
+
 def tile_loader(store: str | Path, cfg: PretrainConfig, num_samples: int, seed: int) -> DataLoader:
     data = TileDataset(store, cfg.tile_size)
     g = torch.Generator().manual_seed(seed)
@@ -185,7 +193,7 @@ def pretrain(store: str | Path, run_dir: str | Path, config: RunConfig | None = 
         "final_loss": last.get("loss"),
         "loss_per_modality": {n: last.get(f"loss/{n}") for n in names},
         "p_mask": {n: last.get(f"p_mask/{n}") for n in names},
-        "most_masked": max(names, key=lambda n: last.get(f"p_mask/{n}", 0.0)) if last else None,
+        "most_masked": _most_masked(last, names),
         "wall_s": wall,
         "tiles_per_s": (cfg.steps - start) * cfg.batch_size / max(wall, 1e-9),
     }
