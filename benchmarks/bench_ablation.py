@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+LOAD0 = __import__("os").getloadavg()  # 1/5/15-min load when the script started
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## {args.title}",
         "",
         f"Run {_dt.date.today().isoformat()} on {platform.node() or 'this machine'}: 2 CPU cores shared with other "
-        f"jobs (loaded), torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
+        f"jobs (load average {LOAD0[0]:.1f} / {LOAD0[1]:.1f} / {LOAD0[2]:.1f} at start; end {__import__('os').getloadavg()[0]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
         f"compute recorded for the whole ablation {recorded / 60:.1f} min (sum over pretraining groups and "
         f"classifier runs; this invocation {wall / 60:.1f} min).",
         "",
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         f" --seeds {' '.join(map(str, seeds))} --test-subset {args.test_subset}"
         f"{' --pretrain-steps ' + str(args.pretrain_steps) if args.pretrain_steps else ''}"
         f"{' --epochs ' + str(args.epochs) if args.epochs else ''}"
+        f"{' --variants ' + ' '.join(args.variants) if args.variants != list(VARIANTS) else ''}"
+        f"{' --work ' + str(args.work) if args.work else ''}"
         f"{' --threads ' + str(args.threads) if args.threads else ''}`. "
         f"Scene: synthetic `{PRESET}` (seed {SCENE_SEED}; 128×128, "
         "HSI 80 + LiDAR 1, 8 classes, 20 train / 5 val px per class). Config: `DEMO_OVERRIDES` + "

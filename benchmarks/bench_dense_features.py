@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+LOAD0 = __import__("os").getloadavg()  # 1/5/15-min load when the script started
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
 
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Dense per-tile features vs one UNet pass per patch",
         "",
         f"Run {_dt.date.today().isoformat()} on {platform.node() or 'this machine'}: 2 CPU cores shared with other jobs "
-        f"(loaded), torch {torch.__version__}, {torch.get_num_threads()} torch threads. Command: "
+        f"(load average {LOAD0[0]:.1f} / {LOAD0[1]:.1f} / {LOAD0[2]:.1f} at start; end {__import__('os').getloadavg()[0]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} torch threads. Command: "
         f"`.venv/bin/python benchmarks/bench_dense_features.py --pixels {args.pixels}"
         f"{' --threads ' + str(args.threads) if args.threads else ''}`.",
         "",

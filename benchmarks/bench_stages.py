@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LOAD0 = __import__("os").getloadavg()  # 1/5/15-min load when the script started
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Per-stage throughput and peak memory (demo preset, demo config)",
         "",
         f"Run {_dt.date.today().isoformat()} on {platform.node() or 'this machine'}: 2 CPU cores shared with other jobs "
-        f"(loaded), torch {torch.__version__}, {results[0]['threads']} torch threads per stage. Command: "
+        f"(load average {LOAD0[0]:.1f} / {LOAD0[1]:.1f} / {LOAD0[2]:.1f} at start; end {__import__('os').getloadavg()[0]:.1f}), torch {torch.__version__}, {results[0]['threads']} torch threads per stage. Command: "
         f"`.venv/bin/python benchmarks/bench_stages.py --pretrain-steps {args.pretrain_steps} --epochs {args.epochs}"
         f"{' --threads ' + str(args.threads) if args.threads else ''}`.",
         "",
