@@ -210,7 +210,9 @@ class _ChunkedScan(torch.autograd.Function):
 
 
 def _tracing() -> bool:
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return bool(torch.compiler.is_compiling() or exporting or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export())
 
 
 def auto_chunk_size(Bt: int, Dm: int, N: int) -> int:
@@ -227,7 +229,10 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int | None = N
     the module docstring)."""
     check_selective_scan(u, delta, A, B, C, D)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(u.shape[0], u.shape[2], A.shape[1])
+        # Inside a trace the batch is symbolic: a chunk size computed from it would pin the
+        # exported graph to one batch size, so traces use a fixed one.
+        symbolic = any(isinstance(d, torch.SymInt) for d in u.shape)
+        chunk_size = 16 if (symbolic or _tracing()) else auto_chunk_size(u.shape[0], u.shape[2], A.shape[1])
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     acc = _acc_dtype(u, A, D)
