@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _load(name: str):
     path = ROOT / "benchmarks" / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"{path} missing")
+    assert path.exists(), f"{path} missing"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
