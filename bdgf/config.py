@@ -1,14 +1,22 @@
 """Run configuration as plain data: dataclasses, saved to and loaded from YAML.
 
-A run's ``config.yaml`` holds three sections (``pretrain``, ``features``, ``train``). Unknown keys
-and out-of-range values are rejected with the section and key named. Nested model settings
-(``unet``, ``schedule``, ``masking``, ``model``, ``mutual``) are dicts handed to the dataclasses of
-the modules that own them, which validate them in turn (see ``RunConfig.validate``).
+A run's ``config.yaml`` holds three sections (``pretrain``, ``features``, ``train``). Nested model
+settings (``pretrain.unet``, ``pretrain.schedule``, ``pretrain.masking``, ``train.model`` with its
+``cnn``/``mamba``/``transformer`` sub-sections, ``train.mutual``) are dicts handed to the
+dataclasses of the modules that own them. All of it is checked when a config is built
+(``from_dict``, ``load``, ``with_overrides``), not when a stage first uses it: unknown keys, values
+of the wrong type, out-of-range values, and whatever the owning dataclasses and modules reject,
+each as a ``ConfigError`` naming the full key path::
+
+    config.yaml: train.model.mamba: unknown key(s) ['d_stat']; known: [...]
+    config.yaml: train.model.mamba.d_state must be an integer >= 1, got 0
+    overrides: pretrain.unet: level width 12 is not divisible by norm_groups=8
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +129,9 @@ class RunConfig:
         for key, value in overrides.items():
             parts = key.split(".")
             node = data
-            for p in parts[:-1]:
+            for depth, p in enumerate(parts[:-1]):
+                if p not in node and depth >= 2:
+                    node[p] = {}  # a sub-section of a nested dict (train.model.cnn): checked below
                 if p not in node or not isinstance(node[p], dict):
                     raise ConfigError(f"override {key!r}: no section {p!r}")
                 node = node[p]
@@ -130,7 +140,10 @@ class RunConfig:
 
     # --- checks ---------------------------------------------------------------------------
     def validate(self, where: str = "config") -> None:
+        """Raise ConfigError naming the key path of the first bad value, nested sections included."""
         p, f, t = self.pretrain, self.features, self.train
+        for name, section in (("pretrain", p), ("features", f), ("train", t)):
+            _check_types(type(section), asdict(section), f"{where}: {name}")
         _positive(where, "pretrain", p, ("tile_size", "batch_size", "steps", "log_every", "checkpoint_every"))
         _positive(where, "features", f, ("draws", "tile_size", "batch_size"))
         _positive(where, "train", t, ("patch_size", "batch_size", "epochs", "val_every", "patience"))
@@ -153,15 +166,182 @@ class RunConfig:
             raise ConfigError(f"{where}: train.branches must be a non-empty subset of {sorted(known)}, got {t.branches}")
         if t.num_workers < 0:
             raise ConfigError(f"{where}: train.num_workers must be >= 0")
-        # Nested sections: let their owners check them now rather than at step 1000.
+        # Nested sections: let their owners check them now rather than at step 1000. The UNet's
+        # scene sizes (in_channels, num_modalities) are placeholders: no other check uses them.
         from bdgf.diffusion.masking import MaskingConfig
         from bdgf.diffusion.schedules import ScheduleConfig
+        from bdgf.diffusion.unet import UNetConfig
+        from bdgf.losses import MutualLearningConfig
 
-        _build(ScheduleConfig, p.schedule, f"{where}: pretrain.schedule")
-        _build(MaskingConfig, p.masking, f"{where}: pretrain.masking")
+        unet = _nested(UNetConfig, p.unet, where, "pretrain.unet", in_channels=1, num_modalities=1)
+        if not 0 <= unet.dropout < 1:
+            raise ConfigError(f"{where}: pretrain.unet.dropout must be in [0, 1), got {unet.dropout!r}")
+        if p.tile_size % unet.tile_multiple:
+            raise ConfigError(f"{where}: pretrain.tile_size {p.tile_size} must be a multiple of "
+                              f"{unet.tile_multiple} (2^(levels-1) for pretrain.unet.channel_mults)")
+        side = f.tile_size + 2 * f.halo
+        if side % unet.tile_multiple:
+            raise ConfigError(f"{where}: features.tile_size + 2*halo = {side} must be a multiple of "
+                              f"{unet.tile_multiple} (2^(levels-1) for pretrain.unet.channel_mults)")
+        _nested(ScheduleConfig, p.schedule, where, "pretrain.schedule")
+        _nested(MaskingConfig, p.masking, where, "pretrain.masking")
         for step in f.timesteps:
             if int(step) >= int(p.schedule.get("num_timesteps", 1000)):
                 raise ConfigError(f"{where}: features.timesteps {step} >= schedule num_timesteps")
+        _check_model(t, where)
+        _nested(MutualLearningConfig, t.mutual, where, "train.mutual")
+
+
+# --- nested sections ------------------------------------------------------------------------
+# Sizes their owners do not range-check (0 would build a degenerate or broken model): the least
+# value of each integer key, per nested section. Lists: every item.
+_AT_LEAST = {
+    "pretrain.unet": {"base_channels": 1, "blocks_per_level": 1, "attention_heads": 1, "norm_groups": 1,
+                      "embed_mult": 1, "channel_mults": 1},
+    "train.model.cnn": {"width": 1, "low_width": 1, "num_blocks": 0},
+    "train.model.mamba": {"d_model": 1, "n_layers": 1, "d_state": 1, "expand": 1, "d_conv": 1, "dt_rank": 1,
+                          "groups": 1, "gate_hidden": 1},
+    "train.model.transformer": {"dim": 1, "depth": 1, "heads": 1, "mlp_ratio": 1},
+    "train.mutual": {"proj_dim": 1, "proj_hidden": 0, "lambda_kl": 0, "lambda_ent": 0, "lambda_sim": 0},
+}
+# Keys of the owners' dataclasses that a run sets itself (from the scene or another config key).
+_SET_ELSEWHERE = {
+    "pretrain.unet": {"in_channels": "taken from the scene's bands",
+                      "num_modalities": "taken from the scene's modalities"},
+    "train.model": {"in_channels": "taken from the scene's bands",
+                    "feature_channels": "taken from the diffusion features",
+                    "num_classes": "taken from the scene's classes", "patch_size": "set by train.patch_size",
+                    "branches": "set by train.branches"},
+}
+
+
+def _check_model(t: "TrainConfig", where: str) -> None:
+    """train.model (and its cnn/mamba/transformer sub-sections) -> ClassifierConfig and the branch
+    modules, built with placeholder scene sizes and this config's patch_size and branches."""
+    import torch
+
+    from bdgf.models.classifier import FEATURE_OF, ClassifierConfig
+    from bdgf.models.cnn import CNNBranch, CNNConfig
+    from bdgf.models.mamba import MambaBranch, MambaConfig
+    from bdgf.models.transformer import TransformerBranch, TransformerConfig
+
+    path, values = "train.model", t.model
+    _check_nested(ClassifierConfig, values, where, path)
+    subs = {"cnn": (CNNConfig, CNNBranch), "mamba": (MambaConfig, MambaBranch),
+            "transformer": (TransformerConfig, TransformerBranch)}
+    for name, (sub_cls, _) in subs.items():
+        if name in values:
+            _check_nested(sub_cls, values[name], where, f"{path}.{name}")
+    placeholders = {"in_channels": 1, "feature_channels": {"low": 1, "mid": 1, "high": 1}, "num_classes": 2}
+    model = _owner(f"{where}: {path}", ClassifierConfig.from_dict,
+                   {**values, **placeholders, "patch_size": t.patch_size, "branches": tuple(t.branches)})
+    # The branch modules check the rest (widths vs groups and heads, patch size vs CNN blocks). Built
+    # on the CPU at placeholder input sizes, with the global RNG state put back afterwards.
+    with torch.random.fork_rng(devices=[]):
+        for name in model.branches:
+            branch_cls = subs[name][1]
+            fc = model.feature_channels[FEATURE_OF[name]]
+            _owner(f"{where}: {path}.{name}", branch_cls, 1, fc, model.patch_size, getattr(model, name))
+
+
+def _nested(cls, values, where: str, path: str, **placeholders):
+    """The owner's dataclass built from a nested dict section, once ``_check_nested`` passed it."""
+    _check_nested(cls, values, where, path)
+    return _owner(f"{where}: {path}", cls, **placeholders, **values)
+
+
+def _check_nested(cls, values, where: str, path: str) -> None:
+    """A nested dict section: a mapping of the owner's keys (less those set elsewhere), each of the
+    type of its default and, for sizes, at least its ``_AT_LEAST`` value."""
+    loc = f"{where}: {path}"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{loc} must be a mapping, got {values!r}")
+    elsewhere = _SET_ELSEWHERE.get(path, {})
+    taken = sorted(set(values) & set(elsewhere))
+    if taken:
+        raise ConfigError(f"{loc}: {taken} cannot be set here ("
+                          + "; ".join(f"{k} is {elsewhere[k]}" for k in taken) + ")")
+    known = {f.name for f in dataclasses.fields(cls) if f.init} - set(elsewhere)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{loc}: unknown key(s) {unknown}; known: {sorted(known)}")
+    _check_types(cls, values, loc)
+    for key, least in _AT_LEAST.get(path, {}).items():
+        if key not in values or values[key] is None:
+            continue
+        items = values[key] if isinstance(values[key], (list, tuple)) else [values[key]]
+        if any(v < least for v in items):
+            what = "integers" if isinstance(values[key], (list, tuple)) else (
+                "an integer" if isinstance(values[key], numbers.Integral) else "a number")
+            raise ConfigError(f"{loc}.{key} must be {what} >= {least}, got {values[key]!r}")
+
+
+def _owner(loc: str, make, *args, **kwargs):
+    """``make(*args, **kwargs)``, with what the owning module raises turned into a ConfigError at ``loc``."""
+    try:
+        return make(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as exc:  # InputError is a ValueError
+        raise ConfigError(f"{loc}: {exc}") from exc
+
+
+def _check_types(cls, values: dict, loc: str) -> None:
+    """Each value must have the type of the field's default: bool, int, number, str, list (of the
+    default's item type) or mapping; a None default accepts None or an int where annotated so."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = (f.default, f.type)
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = (f.default_factory(), f.type)
+    for key, value in values.items():
+        if key not in defaults:
+            continue
+        default, annotation = defaults[key]
+        problem = _type_problem(default, value, str(annotation))
+        if problem:
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if problem == "a number" and _numeric(value) else ""
+            raise ConfigError(f"{loc}.{key} must be {problem}, got {value!r}{hint}")
+
+
+def _numeric(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _type_problem(default, value, annotation: str) -> str | None:
+    """What ``value`` should be (a phrase), or None when its type matches ``default``'s."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if is_int(default):
+        return None if is_int(value) else "an integer"
+    if is_number(default):
+        return None if is_number(value) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, dict):
+        return None if isinstance(value, dict) else "a mapping"
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        if default and is_int(default[0]) and not all(is_int(v) for v in value):
+            return "a list of integers"
+        if default and isinstance(default[0], str) and not all(isinstance(v, str) for v in value):
+            return "a list of strings"
+        return None
+    if default is None and "int" in annotation:
+        return None if value is None or is_int(value) else "an integer or null"
+    return None
 
 
 def _build(cls, values: dict, where: str):
@@ -171,10 +351,7 @@ def _build(cls, values: dict, where: str):
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+    return _owner(where, cls, **values)
 
 
 def _positive(where: str, section: str, obj, names) -> None:
