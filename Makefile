@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m bdgf.demo --out demo
+	$(BIN)/bdgf demo --out demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -127,15 +127,19 @@ def preview(
         _fail(exc)
 
 
+def _overrides(items: list[str] | None) -> dict:
+    """--set key=value pairs, values parsed as YAML (numbers, lists, mappings)."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in _parse_pairs(items, "--set").items()}
+
+
 def _run_config(config: Optional[Path], overrides: list[str] | None):
     from bdgf.config import RunConfig
 
     cfg = RunConfig.load(config) if config else RunConfig()
     if overrides:
-        import yaml
-
-        pairs = {k: yaml.safe_load(v) for k, v in _parse_pairs(overrides, "--set").items()}
-        cfg = cfg.with_overrides(pairs)
+        cfg = cfg.with_overrides(_overrides(overrides))
     return cfg
 
 
@@ -148,58 +152,49 @@ def _seeds(seeds: Optional[str]) -> list[int] | None:
         raise BDGFError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
 
 
+_WORKERS = "Ray Train workers (0: a plain single process here)."
+_ADDRESS = "Ray cluster address (default with --workers: RAY_ADDRESS, else a local Ray)."
+_STORAGE = "Ray Train storage for checkpoints (default RUN/ray; a shared path or bucket on a multi-node cluster)."
+
+
 @app.command()
 def pretrain(
-    store: Path = typer.Argument(..., help="Scene store."),
+    stores: list[Path] = typer.Argument(..., help="Scene store(s); several must share one band layout."),
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
     config: Optional[Path] = typer.Option(None, help="YAML run config (sections pretrain/features/train)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: pretrain.steps=200 (repeatable)."),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Start over in an existing run directory."),
-    workers: int = typer.Option(0, help="Ray Train workers (0: plain single process)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --workers)."),
+    overwrite: bool = typer.Option(False, help="Start over in an existing run directory (removes its old stages)."),
+    workers: int = typer.Option(0, help=_WORKERS),
+    address: Optional[str] = typer.Option(None, help=_ADDRESS),
+    storage: Optional[str] = typer.Option(None, help=_STORAGE),
+    max_failures: Optional[int] = typer.Option(None, help="Worker restarts Ray Train may make (default 3)."),
+    deepspeed_config: Optional[str] = typer.Option(None, help="DeepSpeed JSON template (default: the bundled one)."),
 ) -> None:
     """Stage 1: pretrain the balanced multimodal denoiser with adaptive modality masking."""
     try:
+        from bdgf.engine.pretrain import pretrain as run_pretrain
+
         cfg = _run_config(config, set_)
-        if workers:
-            from training.launch import distributed_pretrain
-
-            summary = distributed_pretrain(store, out, cfg, workers=workers, address=address, resume=resume)
-        else:
-            from bdgf.engine.pretrain import pretrain as run_pretrain
-
-            summary = run_pretrain(store, out, cfg, resume=resume, overwrite=overwrite)
-        typer.echo(_fmt_pretrain(summary))
+        summary = run_pretrain(stores, out, cfg, resume=resume, overwrite=overwrite, workers=workers, address=address,
+                               storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
+        typer.echo(summary.line())
     except BDGFError as exc:
         _fail(exc)
-
-
-def _fmt_pretrain(s: dict) -> str:
-    mods = ", ".join(f"{n}: loss {s['loss_per_modality'][n]:.4f} p_mask {s['p_mask'][n]:.2f}" for n in s["loss_per_modality"])
-    return f"pretrained {s['steps']} steps, loss {s['final_loss']:.4f} ({mods}); most masked: {s['most_masked']}"
 
 
 @app.command()
 def features(
     store: Path = typer.Argument(..., help="Scene store (features are cached into it)."),
     run: Path = typer.Option(..., "--run", help="Run directory with a pretrained denoiser."),
-    workers: int = typer.Option(0, help="Ray workers (0: plain single process)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --workers)."),
+    workers: int = typer.Option(0, help="Ray tasks over disjoint tiles (0: a plain single process here)."),
+    address: Optional[str] = typer.Option(None, help=_ADDRESS),
 ) -> None:
     """Compute dense diffusion features (low/mid/high) and cache them in the store."""
     try:
-        if workers:
-            from training.launch import distributed_features
+        from bdgf.engine.features import compute_features
 
-            s = distributed_features(store, run, workers=workers, address=address)
-        else:
-            from bdgf.engine.features import compute_features
-
-            s = compute_features(store, run)
-        verb = {"reuse": "reused cached", "resume": "resumed", "new": "computed",
-                "recompute": "recomputed (cache was for another checkpoint)"}[s["state"]]
-        typer.echo(f"{verb} features for checkpoint {s['checkpoint']}: {s['channels']}")
+        typer.echo(compute_features(store, run, workers=workers, address=address).line())
     except BDGFError as exc:
         _fail(exc)
 
@@ -211,26 +206,23 @@ def train(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2 (default: the config's)."),
     branches: Optional[str] = typer.Option(None, help="Subset of cnn,mamba,transformer (ablations)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: train.epochs=10."),
-    workers: int = typer.Option(0, help="Ray Train workers (0: plain single process)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --workers)."),
+    workers: int = typer.Option(0, help=_WORKERS),
+    address: Optional[str] = typer.Option(None, help=_ADDRESS),
+    storage: Optional[str] = typer.Option(None, help=_STORAGE),
+    max_failures: Optional[int] = typer.Option(None, help="Worker restarts Ray Train may make (default 3)."),
+    deepspeed_config: Optional[str] = typer.Option(None, help="DeepSpeed JSON template (default: the bundled one)."),
 ) -> None:
     """Stage 2: train the diffusion-guided multi-branch classifier (model selection on val)."""
     try:
-        import yaml
+        from bdgf.engine.classify import train as run_train
 
-        overrides = {k: yaml.safe_load(v) for k, v in _parse_pairs(set_, "--set").items()}
+        overrides = _overrides(set_)
         if branches:
             overrides["train.branches"] = [b.strip() for b in branches.split(",")]
         for s in _seeds(seeds) or [None]:
-            if workers:
-                from training.launch import distributed_train
-
-                r = distributed_train(store, run, seed=s, overrides=overrides, workers=workers, address=address)
-            else:
-                from bdgf.engine.classify import train as run_train
-
-                r = run_train(store, run, seed=s, overrides=overrides)
-            typer.echo(f"seed {r['seed']}: best val OA {r['val_oa']:.4f} at epoch {r['epoch']}")
+            r = run_train(store, run, seed=s, overrides=overrides, workers=workers, address=address,
+                          storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
+            typer.echo(r.line())
     except BDGFError as exc:
         _fail(exc)
 
@@ -246,23 +238,33 @@ def evaluate(
     try:
         from bdgf.engine.classify import evaluate as run_evaluate
 
-        typer.echo(format_metrics(run_evaluate(store, run, split=split, seeds=_seeds(seeds))))
+        typer.echo(run_evaluate(store, run, split=split, seeds=_seeds(seeds)).text())
     except BDGFError as exc:
         _fail(exc)
 
 
-def format_metrics(m: dict) -> str:
-    def ms(d: dict) -> str:
-        return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", help="Folder for the store, the run and the PNGs."),
+    seed: int = typer.Option(0, help="Scene and training seed."),
+    preset: str = typer.Option("demo", help="Synthetic preset (tiny for a quick look)."),
+) -> None:
+    """The whole pipeline on a synthetic scene, nothing to download (what `make demo` runs)."""
+    try:
+        from bdgf.demo import run_demo
 
-    lines = [f"{m['split']} over seeds {m['seeds']}: OA {ms(m['oa'])}  AA {ms(m['aa'])}  kappa {ms(m['kappa'])}"]
-    for b, d in m["branches"].items():
-        lines.append(f"  {b:<12} OA {ms(d['oa'])}  AA {ms(d['aa'])}  kappa {ms(d['kappa'])}")
-    return "\n".join(lines)
+        run_demo(out, seed=seed, preset=preset)
+    except BDGFError as exc:
+        _fail(exc)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line on ``argv`` (default: sys.argv[1:]) and exit with its status; the
+    scripts in ``training/`` call it with their stage's subcommand first."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app(args=argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

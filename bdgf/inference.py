@@ -4,15 +4,16 @@ One module holds the frozen denoiser and the classifier, so it exports as one gr
 ONNX). It has no data-dependent Python control flow: shapes are fixed by the tile size, the halo,
 the patch size and the number of timesteps.
 
-Glossary
+Glossary (letters as in docs/glossary.md)
     B   tiles in a batch          C   input bands (all modalities)
     T   output tile side          P   patch side (odd), r = P // 2
     h   halo (>= r)               S   T + 2h, the window side the denoiser sees
-    n   timesteps x draws         K   classes
+    n   timesteps × draws         K   classes
 
-Noise comes in as an input (B, n, C, S, S), made by ``bdgf.diffusion.features.position_noise``
-outside the graph (``tile_noise``), so exported and eager paths see exactly the same noise and features at a
-pixel do not depend on which tile computed them.
+Noise comes in as an input (B, n, C, S, S), made by ``bdgf.diffusion.features.tile_noise``
+outside the graph, so exported and eager paths see exactly the same noise. The noising is the
+schedule's formula (``bdgf.diffusion.schedules.mix``) with the coefficients of the feature
+timesteps held as buffers; cropping is the tiler's.
 
 At the scene border the training patches reflect-pad the *features*; here the denoiser sees a
 reflect-padded *input*. The two agree away from the border (>= h + r pixels in).
@@ -20,15 +21,15 @@ reflect-padded *input*. The two agree away from the border (>= h + r pixels in).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdgf.diffusion.features import LEVELS, FeatureSpec, tile_noise  # noqa: F401 (re-exported)
-from bdgf.diffusion.schedules import NoiseSchedule
+from bdgf.diffusion.features import FeatureSpec, level_maps
+from bdgf.diffusion.schedules import NoiseSchedule, mix
 from bdgf.diffusion.unet import DenoiserUNet
 from bdgf.models.classifier import BDGFClassifier
+from bdgf.tiler import crop
 
 
 class TileClassifier(nn.Module):
@@ -61,15 +62,12 @@ class TileClassifier(nn.Module):
         B, C, S, _ = window.shape
         n = self.num_noise
         x0 = window[:, None].expand(B, n, C, S, S)
-        x_t = self.sqrt_ab.view(1, n, 1, 1, 1) * x0 + self.sqrt_1mab.view(1, n, 1, 1, 1) * noise
+        x_t = mix(x0, noise, self.sqrt_ab.view(1, n).expand(B, n), self.sqrt_1mab.view(1, n).expand(B, n))
         t = self.steps.repeat(B)
         present = window.new_ones(B * n, self.denoiser.config.num_modalities)
         _, feats = self.denoiser.forward_with_features(x_t.reshape(B * n, C, S, S), t, present)
         out = {}
-        for name in LEVELS:
-            f = feats[name]
-            if f.shape[-1] != S:
-                f = F.interpolate(f, size=(S, S), mode="bilinear", align_corners=False)
+        for name, f in level_maps(feats, S).items():
             Fc = f.shape[1]
             f = f.reshape(B, self.n_t, self.draws, Fc, S, S).mean(2)  # average the draws
             out[name] = f.reshape(B, self.n_t * Fc, S, S) if self.reduce == "concat" else f.mean(1)
@@ -78,8 +76,7 @@ class TileClassifier(nn.Module):
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Ch, S, S) -> (B*T*T, Ch, P, P): the P×P patch around every centre pixel."""
         B, Ch = x.shape[:2]
-        lo = self.h - self.r
-        x = x[:, :, lo : lo + self.T + 2 * self.r, lo : lo + self.T + 2 * self.r]
+        x = crop(x, self.h - self.r, self.T + 2 * self.r)
         cols = F.unfold(x, kernel_size=self.P)  # (B, Ch*P*P, T*T)
         return cols.transpose(1, 2).reshape(B * self.T * self.T, Ch, self.P, self.P)
 

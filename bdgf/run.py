@@ -1,14 +1,21 @@
-"""A run directory: config, the scene it belongs to, checkpoints, logs, curves, metrics.
+"""A run directory: the one module that knows its layout and reads and writes its checkpoints.
 
     RUN/
-      config.yaml          the RunConfig used (written by pretrain, reused by later stages)
-      run.json             scene signature, code version, creation time, stages done
-      pretrain/denoiser.pt  {"model", "unet_config", "schedule", "masking", "step", ...}
-      pretrain/log.jsonl    one JSON line per logged step (loss per modality, p_mask per modality)
-      train/classifier.pt  best-on-val classifier state, and train/log.jsonl
-      eval/metrics.json    test metrics, eval/map.png
+      config.yaml                the RunConfig used (written by pretrain, reused by later stages)
+      run.json                   scene signature, normalisation statistics, code version, stages done
+      pretrain/denoiser.pt       {"model", "unet_config", "schedule", "masking", "stepper", "step", ...}
+      pretrain/log.jsonl         one JSON line per logged step (loss and p_mask per modality)
+      pretrain/curves.png
+      train/seed<k>/classifier.pt     best-on-val classifier {"model", "classifier_config", "epoch", ...}
+      train/seed<k>/train_state.pt    epochs done and the best so far (what a resumed run continues)
+      train/seed<k>/{config.yaml, log.jsonl, summary.json, curves.png}
+      eval/metrics.json, eval/metrics_<split>.json, eval/predictions_<split>.npz, eval/map_<split>.png
+      ray/<name>/                Ray Train's experiment folder (distributed runs only)
 
-Checkpoints are plain ``torch.save`` dicts written atomically (temporary file, then rename).
+Single-process and distributed runs leave the same files (the distributed driver copies the final
+Ray checkpoint's files here). Checkpoints are plain ``torch.save`` dicts written atomically
+(temporary file, then rename); :func:`write_checkpoint` and :func:`read_checkpoint` are the only
+places that save or load one, here or inside a Ray checkpoint folder.
 """
 
 from __future__ import annotations
@@ -17,16 +24,25 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import bdgf
 from bdgf.config import RunConfig
 from bdgf.data.scene import Scene
 from bdgf.errors import BDGFError, InputError
+
+#: Stage outputs that ``--overwrite`` removes so that nothing of the old run survives.
+STAGE_DIRS = ("pretrain", "train", "eval", "ray")
+
+
+class CheckpointMismatch(BDGFError):
+    """A checkpoint written for another model, data layout or config."""
 
 
 def code_version() -> str:
@@ -54,11 +70,42 @@ def scene_signature(scene: Scene) -> dict:
     }
 
 
-def atomic_save(obj, path: Path) -> None:
+def scene_normalisation(scene: Scene) -> dict[str, dict[str, list[float]]]:
+    """Per-modality, per-band mean and std the scene was normalised with (raw -> model input)."""
+    out = {}
+    for name in scene.modality_names:
+        mean, std = scene.statistics(name)
+        out[name] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------------
+
+
+def write_checkpoint(obj, path: str | Path) -> Path:
+    """Save ``obj`` at ``path`` atomically (a reader never sees half a file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint", hint: str = "") -> dict:
+    """Load a checkpoint dict on the CPU; a missing or unreadable file is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise BDGFError(f"{path}: no {what}{'; ' + hint if hint else ''}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
+        raise BDGFError(f"{path}: cannot read the {what} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise BDGFError(f"{path}: not a BDGF {what} (a {type(obj).__name__}, not a dict)")
+    return obj
 
 
 def state_hash(state_dict: dict) -> str:
@@ -75,51 +122,136 @@ def state_hash(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def check_signature(have: dict, want: dict, checkpoint: str) -> None:
+    """Refuse to resume from a checkpoint of another model/config, naming both."""
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        detail = "; ".join(f"{k}: checkpoint {have.get(k)!r} vs this run {want.get(k)!r}" for k in diff)
+        raise CheckpointMismatch(
+            f"cannot resume from checkpoint {checkpoint}: it was written for another model/config ({detail}). "
+            "Use another run directory, or --overwrite to start over.")
+
+
+def denoiser_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):
+    """(frozen eval-mode DenoiserUNet, NoiseSchedule) from a denoiser checkpoint dict."""
+    from bdgf.diffusion.schedules import NoiseSchedule
+    from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
+
+    model = DenoiserUNet(UNetConfig(**ckpt["unet_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval().requires_grad_(False).to(device)
+    return model, NoiseSchedule.from_state_dict(ckpt["schedule"])
+
+
+def classifier_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):
+    """Eval-mode BDGFClassifier from a classifier checkpoint dict."""
+    from bdgf.models.classifier import BDGFClassifier, ClassifierConfig
+
+    model = BDGFClassifier(ClassifierConfig.from_dict(ckpt["classifier_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# The run directory
+# ----------------------------------------------------------------------------------------
+
+
 class Run:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    # --- files ------------------------------------------------------------------------
+    # --- layout ---------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
 
     @property
-    def denoiser_path(self) -> Path:
-        return self.path / "pretrain" / "denoiser.pt"
+    def info_path(self) -> Path:
+        return self.path / "run.json"
 
     @property
-    def classifier_path(self) -> Path:
-        return self.path / "train" / "classifier.pt"
+    def pretrain_dir(self) -> Path:
+        return self.path / "pretrain"
+
+    @property
+    def denoiser_path(self) -> Path:
+        return self.pretrain_dir / "denoiser.pt"
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.path / "train" / f"seed{int(seed)}"
+
+    def classifier_path(self, seed: int) -> Path:
+        return self.seed_dir(seed) / "classifier.pt"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    def ray_storage(self) -> Path:
+        """Default Ray Train storage for this run's distributed stages."""
+        return (self.path / "ray").resolve()
 
     def stage_dir(self, stage: str) -> Path:
         d = self.path / stage
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def trained_seeds(self) -> list[int]:
+        """Seeds with a classifier checkpoint, sorted."""
+        found = []
+        for p in (self.path / "train").glob("seed*"):
+            if p.name[4:].isdigit() and (p / "classifier.pt").exists():
+                found.append(int(p.name[4:]))
+        return sorted(found)
+
     # --- creation and checks ------------------------------------------------------------
+    def pretrain_config(self, config: RunConfig | None, *, resume: bool, overwrite: bool) -> tuple[RunConfig, bool]:
+        """(config to pretrain with, whether it continues this run's denoiser.pt). Writes nothing."""
+        if resume and self.denoiser_path.exists():
+            return self.config(), True
+        if self.denoiser_path.exists() and not overwrite:
+            raise BDGFError(f"{self.path}: already holds a pretrained run "
+                            "(pass --resume to continue, --overwrite to start over)")
+        if config is None:
+            config = self.config() if self.config_path.exists() and not overwrite else RunConfig()
+        return config, False
+
     def create(self, scene: Scene, config: RunConfig, *, overwrite: bool = False) -> "Run":
+        """Start the run: config.yaml and run.json; with ``overwrite`` every old stage output goes."""
         if self.denoiser_path.exists() and not overwrite:
             raise BDGFError(f"{self.path}: already holds a pretrained run (pass --overwrite to start over)")
+        if overwrite:
+            for name in STAGE_DIRS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         config.save(self.config_path)
         info = {
             "scene": scene_signature(scene),
             "store": str(Path(scene.path).resolve()),
+            "normalisation": scene_normalisation(scene),
             "code_version": code_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        (self.path / "run.json").write_text(json.dumps(info, indent=2))
+        self._write_info(info)
         return self
 
     def info(self) -> dict:
-        p = self.path / "run.json"
-        if not p.exists():
+        if not self.info_path.exists():
             raise BDGFError(f"{self.path}: not a BDGF run directory (no run.json); run `bdgf pretrain` first")
-        return json.loads(p.read_text())
+        return json.loads(self.info_path.read_text())
 
     def config(self) -> RunConfig:
         return RunConfig.load(self.config_path)
+
+    def normalisation(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{modality: (mean (C_m,), std (C_m,))} recorded at creation (older runs: read from
+        the store they were made from)."""
+        info = self.info()
+        stats = info.get("normalisation")
+        if stats is None:
+            stats = scene_normalisation(Scene.open(info["store"]))
+        return {m: (np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32)) for m, s in stats.items()}
 
     def check_scene(self, scene: Scene) -> None:
         """Refuse a store whose modalities/bands/classes differ from the run's scene."""
@@ -137,7 +269,28 @@ class Run:
     def record(self, key: str, value) -> None:
         info = self.info()
         info[key] = value
-        (self.path / "run.json").write_text(json.dumps(info, indent=2))
+        self._write_info(info)
+
+    def _write_info(self, info: dict) -> None:
+        tmp = self.info_path.with_name(".run.json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.info_path)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def denoiser_checkpoint(self) -> dict:
+        return read_checkpoint(self.denoiser_path, "denoiser checkpoint", "run `bdgf pretrain` first")
+
+    def load_denoiser(self, device: str | torch.device = "cpu"):
+        """(frozen denoiser, schedule, raw checkpoint dict)."""
+        ckpt = self.denoiser_checkpoint()
+        model, schedule = denoiser_from_checkpoint(ckpt, device)
+        return model, schedule, ckpt
+
+    def classifier_checkpoint(self, seed: int) -> dict:
+        return read_checkpoint(self.classifier_path(seed), "classifier checkpoint", "run `bdgf train` first")
+
+    def load_classifier(self, seed: int, device: str | torch.device = "cpu"):
+        return classifier_from_checkpoint(self.classifier_checkpoint(seed), device)
 
 
 class JsonlLogger:
@@ -157,4 +310,7 @@ class JsonlLogger:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

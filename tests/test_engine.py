@@ -14,20 +14,30 @@ import zarr
 from bdgf.config import ConfigError, RunConfig
 from bdgf.data.scene import Scene, write_scene
 from bdgf.data.synthetic import make_scene
-from bdgf.diffusion.features import (
-    FeatureSpec,
-    extract_tiles,
-    feature_tiles,
-    mark_complete,
-    position_noise,
-    prepare_store,
-    tile_features,
-)
+from bdgf.data import feature_cache
+from bdgf.diffusion.features import FeatureSpec, position_noise, tile_features
 from bdgf.engine.classify import evaluate, train
-from bdgf.engine.features import compute_features
+from bdgf.engine.features import compute_features, extract_tiles
 from bdgf.engine.loop import TorchStepper, TrainingDiverged, cycle
-from bdgf.engine.pretrain import build_denoiser, load_denoiser, pretrain, pretrain_loop, tile_loader
+from bdgf.engine.pretrain import build_denoiser, pretrain, pretrain_loop, tile_loader
 from bdgf.errors import InputError
+from bdgf.run import Run
+
+
+def load_denoiser(path):
+    """(model, schedule, checkpoint) of the run whose denoiser.pt is ``path``."""
+    return Run(path.parents[1]).load_denoiser()
+
+
+def feature_tiles(scene, spec):
+    return spec.grid(*scene.shape).origins()
+
+
+def prepare_store(store, scene, spec, channels):
+    return feature_cache.prepare(store, spec.grid(*scene.shape), spec.as_dict(), channels)
+
+
+mark_complete = feature_cache.mark_complete
 
 TINY = {
     "pretrain.steps": 30,
@@ -65,20 +75,27 @@ def test_pretrain_logs_losses_and_masking_every_step(tiny_run):
     for r in lines:
         for m in ("hsi", "lidar"):
             assert np.isfinite(r[f"loss/{m}"]) and 0.0 < r[f"p_mask/{m}"] < 1.0
-    assert set(summary["p_mask"]) == {"hsi", "lidar"}
+    assert set(summary.p_mask) == {"hsi", "lidar"}
     assert (run / "pretrain" / "curves.png").stat().st_size > 1000
     ckpt = torch.load(run / "pretrain" / "denoiser.pt", weights_only=False)
     assert ckpt["step"] == 30 and ckpt["masking"]  # masking state saved with the run
 
 
-def test_tiny_end_to_end_beats_chance(tiny_run):
-    store, run, _, feats = tiny_run
-    assert feats["state"] == "new"
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    """The tiny run with a classifier (seed 0) trained and scored on test."""
+    store, run, _, _ = tiny_run
     result = train(store, run, progress=False)
-    assert result["val_oa"] > 0.5
-    metrics = evaluate(store, run, split="test")
+    return result, evaluate(store, run, split="test")
+
+
+def test_tiny_end_to_end_beats_chance(tiny_run, trained):
+    store, run, _, feats = tiny_run
+    assert feats.state == "new"
+    result, metrics = trained
+    assert result.val_oa > 0.5
     k = Scene.open(store).num_classes
-    assert metrics["oa"]["mean"] > 2.0 / k, metrics["oa"]  # 4 classes: chance is 0.25
+    assert metrics.oa["mean"] > 2.0 / k, metrics.oa  # 4 classes: chance is 0.25
     saved = json.loads((run / "eval" / "metrics.json").read_text())
     assert set(saved["branches"]) == {"cnn", "mamba", "transformer"}
     assert len(saved["per_seed"]["0"]["confusion"]) == k
@@ -87,7 +104,7 @@ def test_tiny_end_to_end_beats_chance(tiny_run):
 
 def test_features_are_cached_reused_and_recomputed_for_another_checkpoint(tiny_run, tmp_path):
     store, run, _, _ = tiny_run
-    assert compute_features(store, run, progress=False)["state"] == "reuse"
+    assert compute_features(store, run, progress=False).state == "reuse"
     # Another checkpoint (other weights) on a copy of the store: the cache must not be trusted.
     import shutil
 
@@ -96,7 +113,7 @@ def test_features_are_cached_reused_and_recomputed_for_another_checkpoint(tiny_r
     other = tmp_path / "run2"
     pretrain(copy, other, RunConfig().with_overrides({**TINY, "pretrain.steps": 3, "pretrain.seed": 7}),
              progress=False)
-    assert compute_features(copy, other, progress=False)["state"] == "recompute"
+    assert compute_features(copy, other, progress=False).state == "recompute"
     a = zarr.open_group(str(store), mode="r")["features"]
     b = zarr.open_group(str(copy), mode="r")["features"]
     assert a.attrs["spec"]["checkpoint"] != b.attrs["spec"]["checkpoint"]
@@ -234,3 +251,38 @@ def test_config_round_trips_through_yaml(tmp_path):
     cfg = RunConfig().with_overrides({"train.epochs": 3, "pretrain.unet": {"base_channels": 8}})
     cfg.save(tmp_path / "c.yaml")
     assert RunConfig.load(tmp_path / "c.yaml") == cfg
+
+
+def test_pipeline_from_run_gives_the_probabilities_of_evaluate(tiny_run, trained):
+    """The run loaded as one pipeline (raw scene tile in) reproduces `evaluate`'s per-pixel
+    probabilities wherever both see the same feature window: pixels at least a patch radius
+    inside their feature tile and the scene (elsewhere the cached features of a neighbouring
+    tile, or reflect-padded features, enter the patch)."""
+    from bdgf.pipeline import Pipeline
+
+    store, run, _, _ = tiny_run
+    pred = np.load(run / "eval" / "predictions_test.npz")
+    coords, probs = pred["coords"], pred["probs"][list(pred["seeds"]).index(0)]
+    pipe = Pipeline.from_run(run, seed=0)
+    scene = Scene.open(store)
+    T, r = pipe.tile_size, pipe.config.train.patch_size // 2
+    H, W = scene.shape
+    checked = 0
+    for origin in pipe.grid(H, W).origins():
+        r0, c0 = int(origin[0]), int(origin[1])
+        inside = ((coords[:, 0] >= r0 + r) & (coords[:, 0] < r0 + T - r) & (coords[:, 1] >= c0 + r)
+                  & (coords[:, 1] < c0 + T - r) & (coords[:, 0] >= r) & (coords[:, 0] < H - r)
+                  & (coords[:, 1] >= r) & (coords[:, 1] < W - r))
+        if not inside.any():
+            continue
+        tile = pipe.classify_tiles(scene, [origin])[0]  # (K, T, T)
+        got = tile[:, coords[inside, 0] - r0, coords[inside, 1] - c0].T
+        # The cache keeps features as float16; the pipeline computes them in float32.
+        np.testing.assert_allclose(got, probs[inside], atol=2e-2)
+        assert (got.argmax(1) == probs[inside].argmax(1)).mean() > 0.95
+        checked += int(inside.sum())
+    assert checked >= 20, checked
+    # The normalisation is the run's own record, not the store's: raw values in, same input.
+    raw = {m: scene.modality(m)[:, :8, :8] for m in scene.modality_names}
+    np.testing.assert_allclose(pipe.normalise(raw)[:, 2:6, 2:6],
+                               scene.read_window(0, 0, 8, 8, concat=True)[:, 2:6, 2:6], atol=1e-5)

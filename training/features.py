@@ -1,13 +1,13 @@
-"""Dense diffusion features with Ray tasks over disjoint tiles, cached in the store.
+"""Dense diffusion features for `ray job submit`: `bdgf features` as Ray tasks over disjoint tiles.
 
-    python training/features.py --store S.zarr --run RUN --workers 2
+    ray job submit --working-dir . -- python training/features.py S.zarr --run RUN --workers 2
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a working dir
 
-from training.launch import main_features  # noqa: E402
+from bdgf.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_features())
+    main(["features", *sys.argv[1:]])

@@ -1,14 +1,14 @@
-"""Stage 1 on Ray Train workers (DeepSpeed inside each).
+"""Stage 1 for `ray job submit`: `bdgf pretrain` (the one command line) on Ray Train workers.
 
-    python training/pretrain.py --store S.zarr [--store S2.zarr] --out RUN --workers 2 [--config C.yaml] [--set k=v]
-    ray job submit --working-dir . -- python training/pretrain.py --store S.zarr --out RUN --workers 2
+    ray job submit --working-dir . -- python training/pretrain.py S.zarr [S2.zarr] --out RUN --workers 2
+    python training/pretrain.py --help        # every option of `bdgf pretrain`
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a working dir
 
-from training.launch import main_pretrain  # noqa: E402
+from bdgf.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_pretrain())
+    main(["pretrain", *sys.argv[1:]])

@@ -1,13 +1,13 @@
-"""Stage 2 (one classifier per seed) on Ray Train workers (DeepSpeed inside each).
+"""Stage 2 for `ray job submit`: `bdgf train` (one classifier per seed) on Ray Train workers.
 
-    python training/train.py --store S.zarr --run RUN --workers 2 [--seeds 0,1] [--set train.epochs=5]
+    ray job submit --working-dir . -- python training/train.py S.zarr --run RUN --workers 2 [--seeds 0,1]
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a working dir
 
-from training.launch import main_train  # noqa: E402
+from bdgf.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_train())
+    main(["train", *sys.argv[1:]])

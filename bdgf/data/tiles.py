@@ -1,6 +1,6 @@
-"""Tiles of a scene for stage-1 pretraining: a grid of tile origins, sharded by rank.
+"""Tiles of a scene for stage-1 pretraining (origins from :func:`bdgf.tiler.cover_origins`).
 
-Glossary: C total bands (all modalities), T tile size, H×W scene grid.
+Glossary (letters as in docs/glossary.md): C bands (all modalities), T tile side, H×W scene grid.
 """
 
 from __future__ import annotations
@@ -12,24 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bdgf.data.scene import Scene
-
-
-def tile_origins(height: int, width: int, tile: int, stride: int) -> np.ndarray:
-    """(N, 2) int64 top-left corners of tiles that cover the grid; the last row/column of tiles
-    is flush with the edge (a grid smaller than a tile gets one tile at (0, 0), reflect-padded)."""
-    if tile < 1 or stride < 1:
-        raise ValueError(f"tile and stride must be >= 1, got {tile}, {stride}")
-
-    def axis(n: int) -> list[int]:
-        if n <= tile:
-            return [0]
-        starts = list(range(0, n - tile + 1, stride))
-        if starts[-1] != n - tile:
-            starts.append(n - tile)
-        return starts
-
-    rows, cols = axis(height), axis(width)
-    return np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
+from bdgf.tiler import cover_origins
 
 
 class TileDataset(Dataset):
@@ -45,7 +28,7 @@ class TileDataset(Dataset):
         self.store = str(store)
         scene = Scene.open(self.store)
         self.tile_size = tile_size
-        self.origins = tile_origins(*scene.shape, tile_size, stride or max(tile_size // 2, 1))
+        self.origins = cover_origins(*scene.shape, tile_size, stride or max(tile_size // 2, 1))
         self.channels = scene.total_bands
         self.cache = (scene.shape[0] * scene.shape[1] <= cache_pixels) if cache is None else cache
         self._scene: Scene | None = None

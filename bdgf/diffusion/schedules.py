@@ -51,6 +51,16 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     return betas.clamp(min=0.0, max=max_beta)
 
 
+def mix(x0: torch.Tensor, eps: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor) -> torch.Tensor:
+    """The forward-process formula, the one place it is written: x_t = sqrt(ab)·x0 + sqrt(1-ab)·eps.
+
+    x0, eps (B, ..., H, W); sqrt_ab, sqrt_1mab (B,) or of x0's leading dims, broadcast on the rest.
+    """
+    extra = x0.dim() - sqrt_ab.dim()
+    shape = tuple(sqrt_ab.shape) + (1,) * extra
+    return sqrt_ab.reshape(shape) * x0 + sqrt_1mab.reshape(shape) * eps
+
+
 class NoiseSchedule:
     """Precomputed schedule tensors (float64 on CPU until ``to``), no learnable state.
 
@@ -103,7 +113,7 @@ class NoiseSchedule:
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Plain forward process (no masking): x0, eps (B,C,H,W), t (B,) -> x_t (B,C,H,W)."""
         a, b = self.coefficients(t, x0.dtype)
-        return a[:, None, None, None] * x0 + b[:, None, None, None] * eps
+        return mix(x0, eps, a, b)
 
     def state_dict(self) -> dict:
         return {"config": dict(self.config.__dict__)}

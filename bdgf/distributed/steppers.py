@@ -1,7 +1,7 @@
-"""The optimiser engine inside each Ray Train worker: DeepSpeed, or DDP where DeepSpeed cannot run.
+"""The optimiser step inside each Ray Train worker: DeepSpeed, or DDP where DeepSpeed cannot run.
 
 ``choose_engine`` is the ONE place the choice is made (and logged); ``resolve_ds_config`` turns a
-``training/configs/deepspeed_*.json`` template into a concrete config for a world size and fails
+``bdgf/distributed/configs/deepspeed_*.json`` template into a concrete config for a world size and fails
 before anything is launched when it does not fit; ``make_engine`` wraps the model and returns a
 stepper with the same ``step(loss)`` interface as :class:`bdgf.engine.loop.TorchStepper`, so the
 single-process loops (``pretrain_loop``, ``train_epochs``) run unchanged.

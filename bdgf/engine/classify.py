@@ -1,9 +1,10 @@
-"""Stage 2, single process: train the diffusion-guided classifier, select on val, evaluate.
+"""Stage 2: the diffusion-guided classifier (DESIGN §1.4): train, select on val, evaluate.
 
-``classifier_step`` and ``train_epochs`` are the loop pieces the Ray Train entry point reuses;
-``train`` and ``evaluate`` wire them to a scene store and a run directory.
+One driver, :func:`train`, runs :func:`train_body` here (``workers=0``) or on Ray Train workers;
+both write ``train/seed<k>/`` the same way and return a :class:`~bdgf.summaries.TrainSummary`.
+:func:`train_epochs` is the loop; :func:`evaluate` scores every trained seed.
 
-Glossary: B batch, C bands, P patch, K classes, N pixels of a split.
+Glossary (letters as in docs/glossary.md): B batch, C bands, P patch side, K classes, N pixels of a split.
 """
 
 from __future__ import annotations
@@ -17,18 +18,23 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from bdgf.config import RunConfig, TrainConfig
+from bdgf.data import feature_cache
 from bdgf.data.patches import PatchDataset
 from bdgf.data.scene import Scene
-from bdgf.diffusion.features import LEVELS, cached_spec
-from bdgf.engine.loop import TorchStepper, check_finite
+from bdgf.data.stores import open_stores
+from bdgf.diffusion.features import LEVELS
+from bdgf.engine.loop import LocalContext, check_finite
 from bdgf.errors import BDGFError
 from bdgf.losses import MutualLearningConfig, MutualLearningLoss
 from bdgf.metrics import classification_report
 from bdgf.models.classifier import BDGFClassifier, ClassifierConfig
-from bdgf.run import JsonlLogger, Run, atomic_save, read_jsonl
+from bdgf.progress import Progress
+from bdgf.run import Run, read_checkpoint, read_jsonl
+from bdgf.summaries import EvalSummary, TrainSummary
 
 log = logging.getLogger("bdgf.train")
 
@@ -42,6 +48,19 @@ def build_classifier(cfg: TrainConfig, in_channels: int, feature_channels: dict[
     model = BDGFClassifier(model_cfg)
     criterion = MutualLearningLoss(model.z_dims, MutualLearningConfig(**cfg.mutual))
     return model, criterion
+
+
+class JointModule(nn.Module):
+    """Classifier + mutual-learning loss as one module, so one optimiser (and one engine, which
+    all-reduces and clips) holds both parameter sets; its forward is the classifier's."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
 
 def _inputs(batch: dict, device) -> tuple[torch.Tensor, ...]:
@@ -64,191 +83,265 @@ def predict(model, loader: Iterable[dict], device="cpu") -> tuple[np.ndarray, np
         out = model(*_inputs(batch, device))
         ys.append(batch["label"].numpy())
         cs.append(batch["coords"].numpy())
-        ps.append(out["probs"].cpu().numpy())
+        ps.append(out["probs"].float().cpu().numpy())
         for b, lg in out["logits"].items():
-            per.setdefault(b, []).append(lg.softmax(-1).cpu().numpy())
+            per.setdefault(b, []).append(lg.float().softmax(-1).cpu().numpy())
     model.train()
     return (np.concatenate(ys), np.concatenate(ps), {b: np.concatenate(v) for b, v in per.items()},
             np.concatenate(cs))
 
 
-def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs: int, val_every: int = 1,
-                 patience: int = 10, on_log: Callable[[dict], None] | None = None,
-                 on_best: Callable[[int, float], None] | None = None, progress: bool = False,
+def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs: int, start_epoch: int = 0,
+                 best: dict | None = None, val_every: int = 1, patience: int = 10,
+                 on_log: Callable[[dict], None] | None = None, on_best: Callable[[int, float], None] | None = None,
+                 on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = False,
                  device="cpu", set_epoch: Callable[[int], None] | None = None) -> dict:
-    """Train for up to ``epochs``; after every ``val_every`` epochs score val OA and call
-    ``on_best(epoch, oa)`` when it improves (ties in OA broken by the lower val NLL). Stops after ``patience`` epochs without improvement.
-    NaN loss stops with TrainingDiverged (the best checkpoint so far is kept)."""
-    best = {"epoch": 0, "val_oa": -1.0, "val_nll": float("inf")}
+    """Train epochs ``start_epoch+1 .. epochs``; after every ``val_every`` epochs score val and
+    call ``on_best(epoch, oa)`` when it improves (higher OA; a tie, common on small val splits,
+    goes to the lower val NLL); ``on_epoch_end(epoch, best)`` after each epoch. Stops after
+    ``patience`` epochs without improvement. NaN loss stops with TrainingDiverged (the best
+    checkpoint so far is kept). Returns the best {"epoch", "val_oa", "val_nll"}."""
+    best = dict(best) if best else {"epoch": 0, "val_oa": -1.0, "val_nll": float("inf")}
     step, since_best = 0, 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs * len(train_loader), desc="train", unit="batch")
+    bar = Progress(epochs, "train", "epoch", initial=start_epoch, enabled=progress)
     model.train()
     t0, seen = time.perf_counter(), 0
-    for epoch in range(1, epochs + 1):
-        if set_epoch is not None:
-            set_epoch(epoch)
-        for batch in train_loader:
-            step += 1
-            loss, logs = classifier_step(model, criterion, batch, device)
-            check_finite(loss, step, best["epoch"] or None, "train")
-            stepper.step(loss)
-            seen += int(batch["label"].shape[0])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", val_oa=f"{max(best['val_oa'], 0):.3f}")
-            if on_log is not None:
-                on_log({"step": step, "epoch": epoch, **logs})
-        if epoch % val_every == 0 or epoch == epochs:
-            y, p, _, _ = predict(model, val_loader, device)
-            oa = float((p.argmax(1) == y).mean())
-            nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
-            dt = time.perf_counter() - t0
-            if on_log is not None:
-                on_log({"epoch": epoch, "val_oa": oa, "val_nll": nll, "patches_per_s": seen / max(dt, 1e-9)})
-            t0, seen = time.perf_counter(), 0
-            # Higher val OA wins; a tie (common on small val splits) goes to the lower val NLL.
-            if oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"]):
-                best = {"epoch": epoch, "val_oa": oa, "val_nll": nll}
-                since_best = 0
-                if on_best is not None:
-                    on_best(epoch, oa)
-            else:
-                since_best += val_every
-                if since_best >= patience:
-                    break
-    if bar is not None:
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            if set_epoch is not None:
+                set_epoch(epoch)
+            for batch in train_loader:
+                step += 1
+                loss, logs = classifier_step(model, criterion, batch, device)
+                check_finite(loss, step, best["epoch"] or None, "train")
+                stepper.step(loss)
+                seen += int(batch["label"].shape[0])
+                if on_log is not None:
+                    on_log({"step": step, "epoch": epoch, **logs})
+            figures = {"loss": logs["loss"]}
+            if epoch % val_every == 0 or epoch == epochs:
+                y, p, _, _ = predict(model, val_loader, device)
+                oa = float((p.argmax(1) == y).mean())
+                nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+                dt = time.perf_counter() - t0
+                if on_log is not None:
+                    on_log({"epoch": epoch, "val_oa": oa, "val_nll": nll, "patches_per_s": seen / max(dt, 1e-9)})
+                t0, seen = time.perf_counter(), 0
+                figures.update(val_oa=oa, val_nll=nll)
+                if oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"]):
+                    best = {"epoch": epoch, "val_oa": oa, "val_nll": nll}
+                    since_best = 0
+                    if on_best is not None:
+                        on_best(epoch, oa)
+                else:
+                    since_best += val_every
+            bar.update(1, **figures, best_epoch=best["epoch"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, best)
+            if since_best >= patience:
+                break
+    finally:
         bar.close()
     return best
 
 
-def _features_ready(store: str | Path) -> dict[str, int]:
-    spec, complete = cached_spec(store)
-    if spec is None or not complete:
-        raise BDGFError(f"{store}: no complete diffusion features; run `bdgf features {store} --run RUN` first")
-    scene = Scene.open(store)
-    return {name: int(scene.root["features"][name].shape[0]) for name in LEVELS}
-
-
-def _loaders(store, cfg: TrainConfig, seed: int):
+def patch_loaders(store: str, cfg: TrainConfig, seed: int, val_split: str, *, micro_batch: int,
+                  rank: int = 0, world: int = 1):
+    """(train dataset, train loader, val loader) for this rank: a seeded, reshuffled-per-epoch
+    shard of the train pixels (all of them for one process), and every val pixel."""
     kw = dict(patch_size=cfg.patch_size, features=LEVELS)
-    train_ds = PatchDataset(store, "train", seed=seed, shuffle=True, **kw)
-    split = "val" if "val" in Scene.open(store).splits else "train"
-    if split == "train":
-        log.warning("%s has no val split: model selection falls back to train accuracy", store)
-    val_ds = PatchDataset(store, split, **kw)
-    g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                              num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size)
+    train_ds = PatchDataset(store, "train", rank=rank, world_size=world, seed=seed, shuffle=True, **kw)
+    val_ds = PatchDataset(store, val_split, **kw)
+    g = torch.Generator().manual_seed(seed) if world == 1 else None
+    train_loader = DataLoader(train_ds, batch_size=micro_batch, shuffle=world == 1, generator=g,
+                              num_workers=cfg.num_workers, drop_last=len(train_ds) > micro_batch)
     val_loader = DataLoader(val_ds, batch_size=256, num_workers=cfg.num_workers)
     return train_ds, train_loader, val_loader
 
 
-def seed_dir(run: Run, seed: int) -> Path:
-    return run.path / "train" / f"seed{seed}"
+# ----------------------------------------------------------------------------------------
+# The body: what one process (or each Ray Train worker) runs
+# ----------------------------------------------------------------------------------------
 
 
-def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None,
-          overrides: dict | None = None, progress: bool = True) -> dict:
-    """Train one classifier (one seed) on a store with cached features into ``run_dir``."""
-    scene = Scene.open(store)
+def train_body(job: dict, ctx) -> None:
+    """Train one classifier (one seed); after every epoch checkpoint the best classifier so far
+    (``classifier.pt``) and the progress (``train_state.pt``).
+
+    job: {"store", "run_config", "seed", "signature", "feature_channels", "val_split",
+    "micro_batch", "progress"}.
+    """
+    tc = RunConfig.from_dict(job["run_config"]).train
+    seed = int(job["seed"])
+    scene = open_stores([job["store"]], where=ctx.where)[0]
+    torch.manual_seed(seed)
+    train_ds, train_loader, val_loader = patch_loaders(job["store"], tc, seed, job["val_split"],
+                                                       micro_batch=int(job["micro_batch"]), rank=ctx.rank,
+                                                       world=ctx.world)
+    model, criterion = build_classifier(tc, scene.total_bands, job["feature_channels"], scene.num_classes)
+    joint = JointModule(model, criterion)
+    optimizer = torch.optim.AdamW(joint.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    engine, stepper = ctx.make_stepper(joint, optimizer, tc.grad_clip)
+
+    done, restored_log, best, best_state = 0, "", None, None
+    local, _ = ctx.restore(job["signature"])
+    if local is not None:  # a restarted worker: Ray Train's last checkpoint
+        st = read_checkpoint(local / "train_state.pt", "training state")
+        done, best = int(st["epoch"]), st["best"]
+        if (local / "classifier.pt").exists():
+            best_state = read_checkpoint(local / "classifier.pt", "classifier checkpoint")
+        stepper.load(local / "engine")
+        restored_log = (local / "log.jsonl").read_text() if (local / "log.jsonl").exists() else ""
+        log.warning("rank %d: resumed after epoch %d", ctx.rank, done)
+        ctx.note_restart({"resumed_after_epoch": done})
+    if done >= tc.epochs:
+        return
+    logger = ctx.logger("log.jsonl", restored_log) if ctx.rank == 0 else None
+
+    def on_log(rec: dict) -> None:
+        if "patches_per_s" in rec:
+            rec = {**rec, "global_patches_per_s": rec["patches_per_s"] * ctx.world}
+        if logger is not None:
+            logger(rec)
+
+    def on_best(epoch: int, oa: float) -> None:
+        nonlocal best_state
+        best_state = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                      "classifier_config": model.config.to_dict(), "epoch": epoch, "val_oa": oa,
+                      "seed": seed, "train_config": asdict(tc)}
+
+    def on_epoch_end(epoch: int, best_now: dict) -> None:
+        files = {"train_state.pt": {"epoch": epoch, "best": best_now}, "classifier.pt": best_state} if ctx.rank == 0 else {}
+        ctx.checkpoint(f"checkpoint_epoch{epoch:05d}", {"epoch": epoch, **best_now}, files,
+                       {"stage": "train", "epoch": epoch, "signature": job["signature"]}, stepper=stepper)
+
+    try:
+        train_epochs(engine, criterion, train_loader, val_loader, stepper, epochs=tc.epochs, start_epoch=done,
+                     best=best, val_every=tc.val_every, patience=tc.patience, on_log=on_log, on_best=on_best,
+                     on_epoch_end=on_epoch_end, progress=bool(job.get("progress")), device=ctx.device,
+                     set_epoch=train_ds.set_epoch)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The drivers
+# ----------------------------------------------------------------------------------------
+
+
+def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, overrides: dict | None = None,
+          progress: bool = True, workers: int = 0, address: str | None = None, storage: str | None = None,
+          max_failures: int | None = None, ds_config: str | None = None) -> TrainSummary:
+    """Train one classifier (one seed) on a store with cached features into ``run_dir``
+    (``workers=N``: on N Ray Train workers)."""
+    store = str(Path(store).resolve())
+    scene = open_stores([store], where="driver")[0]
     run = Run(run_dir)
     run.check_scene(scene)
     config = run.config()
     if overrides:
         config = config.with_overrides(overrides)
-    cfg = config.train
-    seed = cfg.seed if seed is None else seed
-    torch.manual_seed(seed)
-    feature_channels = _features_ready(store)
-    train_ds, train_loader, val_loader = _loaders(store, cfg, seed)
-    model, criterion = build_classifier(cfg, scene.total_bands, feature_channels, scene.num_classes)
-    params = list(model.parameters()) + list(criterion.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stepper = TorchStepper(model, optimizer, cfg.grad_clip)
-    out = seed_dir(run, seed)
+    tc = config.train
+    seed = tc.seed if seed is None else int(seed)
+    feature_channels = feature_cache.ready_channels(store, LEVELS)
+    val_split = "val" if "val" in scene.splits else "train"
+    if val_split == "train":
+        log.warning("%s has no val split: model selection falls back to train accuracy", store)
+    model, _ = build_classifier(tc, scene.total_bands, feature_channels, scene.num_classes)  # fails early on a bad config
+    signature = {"stage": "train", "classifier_config": json.loads(json.dumps(model.config.to_dict())),
+                 "seed": seed, "lr": tc.lr, "weight_decay": tc.weight_decay}
+    del model
+    job = {"store": store, "run_config": config.to_dict(), "seed": seed, "signature": signature,
+           "feature_channels": feature_channels, "val_split": val_split, "micro_batch": tc.batch_size,
+           "progress": progress}
+    launch = None
+    if workers:
+        from bdgf.distributed.launch import prepare_launch
+
+        launch = prepare_launch("train", run, name=f"train-seed{seed}", workers=workers, address=address,
+                                micro_batch=tc.batch_size, grad_clip=tc.grad_clip, ds_config=ds_config,
+                                storage=storage, max_failures=max_failures, signature=signature)
+        job.update(micro_batch=launch.micro_batch, progress=False)
+    out = run.seed_dir(seed)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
-    logger = JsonlLogger(out / "log.jsonl")
-
-    def save_best(epoch: int, oa: float) -> None:
-        atomic_save({"model": model.state_dict(), "classifier_config": model.config.to_dict(),
-                     "epoch": epoch, "val_oa": oa, "seed": seed, "train_config": asdict(cfg)},
-                    out / "classifier.pt")
 
     t0 = time.perf_counter()
-    try:
-        best = train_epochs(model, criterion, train_loader, val_loader, stepper, epochs=cfg.epochs,
-                            val_every=cfg.val_every, patience=cfg.patience, on_log=logger, on_best=save_best,
-                            progress=progress, set_epoch=train_ds.set_epoch)
-    finally:
-        logger.close()
+    if launch is None:
+        train_body(job, LocalContext(out, progress=progress))
+        engine = "torch"
+    else:
+        launch.fit(train_body, job, out_dir=out)
+        engine = launch.engine
+    wall = time.perf_counter() - t0
+    state = read_checkpoint(out / "train_state.pt", "training state")
     from bdgf.plots import plot_train_curves
 
-    plot_train_curves(read_jsonl(out / "log.jsonl"), out / "curves.png")
-    summary = {"seed": seed, **best, "wall_s": time.perf_counter() - t0, "branches": list(cfg.branches)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        plot_train_curves(read_jsonl(out / "log.jsonl"), out / "curves.png")
+    except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+        log.warning("train curves not drawn: %s", exc)
+    best = state["best"]
+    summary = TrainSummary(seed=seed, epoch=int(best["epoch"]), val_oa=float(best["val_oa"]),
+                           val_nll=float(best["val_nll"]), wall_s=wall, branches=list(tc.branches),
+                           workers=max(workers, 1), engine=engine, epochs_run=int(state["epoch"]))
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
 
 
-def load_classifier(path: Path, device="cpu") -> BDGFClassifier:
-    if not path.exists():
-        raise BDGFError(f"{path}: no classifier checkpoint; run `bdgf train` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = BDGFClassifier(ClassifierConfig.from_dict(ckpt["classifier_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+def _mean_std(values) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    v = np.asarray(list(values), np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
 
 def evaluate(store: str | Path, run_dir: str | Path, split: str = "test", seeds: list[int] | None = None,
-             write_map: bool = True) -> dict:
-    """Score every trained seed on ``split``; writes ``eval/metrics.json`` (per seed, per branch,
-    mean ± std over seeds) and a classification map PNG beside the ground truth."""
+             write_map: bool = True) -> EvalSummary:
+    """Score every trained seed on ``split``. Writes ``eval/metrics_<split>.json`` (per seed, per
+    branch, mean ± sample std over seeds; ``metrics.json`` for test), ``eval/predictions_<split>.npz``
+    (pixel coords and every seed's ensemble probabilities) and a map PNG beside the ground truth."""
     scene = Scene.open(store)
     run = Run(run_dir)
     run.check_scene(scene)
     if split not in scene.splits:
         raise BDGFError(f"{store}: no split {split!r}; has {scene.splits}")
-    _features_ready(store)
-    found = sorted(int(p.name[4:]) for p in (run.path / "train").glob("seed*") if (p / "classifier.pt").exists())
-    seeds = seeds if seeds is not None else found
+    feature_cache.ready_channels(store, LEVELS)
+    seeds = seeds if seeds is not None else run.trained_seeds()
     if not seeds:
         raise BDGFError(f"{run.path}: no trained classifier; run `bdgf train` first")
     cfg = run.config().train
     loader = DataLoader(PatchDataset(store, split, patch_size=cfg.patch_size, features=LEVELS), batch_size=256)
     names = scene.class_names
-    per_seed = {}
-    first_pred = None
+    per_seed, probs = {}, {}
+    coords = None
     for s in seeds:
-        model = load_classifier(seed_dir(run, s) / "classifier.pt")
+        model = run.load_classifier(s)
         y, p, per_branch, coords = predict(model, loader)
         rep = classification_report(y, p.argmax(1), names)
         rep["branches"] = {b: classification_report(y, q.argmax(1), names) for b, q in per_branch.items()}
         per_seed[s] = rep
-        if first_pred is None:
-            first_pred = (coords, p.argmax(1))
-    summary = {"split": split, "seeds": seeds, "per_seed": {str(k): v for k, v in per_seed.items()}}
-    for key in ("oa", "aa", "kappa"):
-        vals = np.array([per_seed[s][key] for s in seeds])
-        summary[key] = {"mean": float(vals.mean()), "std": float(vals.std())}
+        probs[s] = p
     branches = list(next(iter(per_seed.values()))["branches"])
-    summary["branches"] = {
-        b: {k: {"mean": float(np.mean([per_seed[s]["branches"][b][k] for s in seeds])),
-                "std": float(np.std([per_seed[s]["branches"][b][k] for s in seeds]))} for k in ("oa", "aa", "kappa")}
-        for b in branches
-    }
+    summary = EvalSummary(
+        split=split, seeds=list(seeds),
+        oa=_mean_std(per_seed[s]["oa"] for s in seeds),
+        aa=_mean_std(per_seed[s]["aa"] for s in seeds),
+        kappa=_mean_std(per_seed[s]["kappa"] for s in seeds),
+        branches={b: {k: _mean_std(per_seed[s]["branches"][b][k] for s in seeds) for k in ("oa", "aa", "kappa")}
+                  for b in branches},
+        per_seed={str(k): v for k, v in per_seed.items()},
+    )
     out = run.stage_dir("eval")
-    (out / f"metrics_{split}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"metrics_{split}.json").write_text(json.dumps(summary.to_dict(), indent=2))
     if split == "test":
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    if write_map and first_pred is not None:
+        (out / "metrics.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    np.savez_compressed(out / f"predictions_{split}.npz", coords=coords, seeds=np.asarray(seeds),
+                        probs=np.stack([probs[s] for s in seeds]).astype(np.float32))
+    if write_map:
         from bdgf.preview import save_preview
 
         pred_map = np.zeros(scene.shape, np.int64)
-        coords, labels = first_pred
-        pred_map[coords[:, 0], coords[:, 1]] = labels + 1
+        pred_map[coords[:, 0], coords[:, 1]] = probs[seeds[0]].argmax(1) + 1
         save_preview(scene, out / f"map_{split}.png", prediction=pred_map)
     return summary

@@ -1,16 +1,33 @@
-"""Dense diffusion features of a run's denoiser, cached in the scene store."""
+"""Dense diffusion features of a run's denoiser, cached in the scene store (DESIGN §1.3).
+
+One driver, :func:`compute_features`: here (``workers=0``) or as Ray tasks over disjoint sets of
+tiles (``workers=N``); either way every tile goes through :func:`extract_tiles`, each tile writes
+only its own chunks and ``_done`` flag, and an interrupted extraction resumes.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+from typing import Iterable
+
+import torch
 
 from bdgf.config import FeatureConfig
+from bdgf.data import feature_cache
 from bdgf.data.scene import Scene
-from bdgf.diffusion.features import FeatureSpec, extract_features
-from bdgf.engine.pretrain import load_denoiser
+from bdgf.data.stores import open_stores
+from bdgf.diffusion.features import FeatureSpec, tile_features
+from bdgf.diffusion.schedules import NoiseSchedule
+from bdgf.diffusion.unet import DenoiserUNet
 from bdgf.errors import BDGFError
-from bdgf.run import Run, state_hash
+from bdgf.progress import Progress
+from bdgf.run import Run, denoiser_from_checkpoint, state_hash
+from bdgf.summaries import FeatureSummary
+from bdgf.tiler import read_windows
+
+log = logging.getLogger("bdgf.features")
 
 
 def feature_spec(cfg: FeatureConfig, checkpoint_hash: str, tile_multiple: int) -> FeatureSpec:
@@ -24,19 +41,77 @@ def feature_spec(cfg: FeatureConfig, checkpoint_hash: str, tile_multiple: int) -
                        reduce=cfg.timestep_reduce)
 
 
-def compute_features(store: str | Path, run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Make sure ``store`` holds the features of ``run_dir``'s denoiser; returns a summary with
-    ``state`` = reuse | resume | new | recompute."""
+def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedule, spec: FeatureSpec,
+                  origins: Iterable, batch_size: int = 8, progress: bool = False,
+                  device: str | torch.device = "cpu") -> int:
+    """Compute and write the features of the given tiles (skipping finished ones). Returns the
+    number of tiles computed."""
     scene = Scene.open(store)
+    grid = spec.grid(*scene.shape)
+    todo = feature_cache.pending(store, grid, origins)
+    group = feature_cache.open_for_writing(store)
+    bar = Progress(len(todo), "features", "tile", enabled=progress)
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            windows = torch.from_numpy(read_windows(scene, grid, batch)).to(device)
+            feats = tile_features(model, schedule, windows, [grid.window(o)[:2] for o in batch], spec)
+            for j, origin in enumerate(batch):
+                feature_cache.write(group, grid, origin, {n: f[j].cpu().numpy() for n, f in feats.items()})
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return len(todo)
+
+
+def extract_part(store: str, denoiser: dict, spec: dict, origins: list, batch_size: int) -> int:
+    """One worker's share: rebuild the denoiser from its checkpoint dict and extract ``origins``
+    (a Ray task; any process that sees the store can run it)."""
+    open_stores([store], where="feature task")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model, schedule = denoiser_from_checkpoint(denoiser, device)
+    return extract_tiles(store, model, schedule, FeatureSpec.from_dict(spec),
+                         [tuple(int(v) for v in o) for o in origins], batch_size, device=device)
+
+
+def compute_features(store: str | Path, run_dir: str | Path, *, progress: bool = True, workers: int = 0,
+                     address: str | None = None, batch_size: int | None = None) -> FeatureSummary:
+    """Make sure ``store`` holds the features of ``run_dir``'s denoiser (reuse, resume, new, or
+    recompute when the cache was made for another checkpoint or setting)."""
+    if workers < 0:
+        raise BDGFError(f"--workers must be >= 0, got {workers}")
+    if workers:
+        from bdgf.distributed.launch import probe
+
+        probe(address)
+    store = str(Path(store).resolve())
+    scene = open_stores([store], where="driver")[0]
     run = Run(run_dir)
     run.check_scene(scene)
     cfg = run.config().features
-    model, schedule, ckpt = load_denoiser(run.denoiser_path)
+    model, schedule, ckpt = run.load_denoiser()
     spec = feature_spec(cfg, state_hash(ckpt["model"]), model.config.tile_multiple)
+    channels = spec.channels(model)
+    grid = spec.grid(*scene.shape)
+    batch_size = batch_size or cfg.batch_size
     t0 = time.perf_counter()
-    state = extract_features(store, model, schedule, spec, batch_size=cfg.batch_size, progress=progress)
+    state = feature_cache.prepare(store, grid, spec.as_dict(), channels)
+    if state == "recompute":
+        log.warning("features in %s were cached for another checkpoint or setting; recomputing", store)
+    if state != "reuse":
+        tiles = grid.origins()
+        if workers:
+            from bdgf.distributed.launch import run_tasks
+
+            denoiser = {k: ckpt[k] for k in ("model", "unet_config", "schedule")}
+            parts = [p for p in (tiles[i::workers] for i in range(workers)) if len(p)]  # disjoint, balanced
+            run_tasks(extract_part, [(store, denoiser, spec.as_dict(), p.tolist(), batch_size) for p in parts],
+                      address=address, what="features")
+        else:
+            extract_tiles(store, model, schedule, spec, tiles, batch_size, progress)
+        if not feature_cache.mark_complete(store):
+            raise BDGFError(f"{store}: some feature tiles are still missing; rerun to resume")
     wall = time.perf_counter() - t0
     h, w = scene.shape
-    return {"state": state, "checkpoint": spec.checkpoint, "wall_s": wall,
-            "pixels_per_s": (h * w / wall) if state != "reuse" else None,
-            "channels": spec.channels(model)}
+    return FeatureSummary(state=state, checkpoint=spec.checkpoint, channels=channels, wall_s=wall,
+                          pixels_per_s=(h * w / wall) if state != "reuse" else None, workers=max(workers, 1))

@@ -1,13 +1,16 @@
-"""Pieces shared by the training loops: the optimiser step, divergence, batch cycling."""
+"""Pieces shared by the training loops: the optimiser step, divergence, batch cycling, and the
+single-process context a stage body runs in."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from bdgf.errors import BDGFError
+from bdgf.run import JsonlLogger, write_checkpoint
 
 
 class TrainingDiverged(BDGFError):
@@ -63,3 +66,49 @@ def cycle(loader: Iterable) -> Iterator:
         if not yielded:
             raise BDGFError("the data loader yielded no batch (empty dataset or shard)")
         epoch += 1
+
+
+class LocalContext:
+    """Where a stage body runs when it is a plain single process: rank 0 of 1, the plain
+    :class:`TorchStepper`, checkpoints written straight into the stage's folder of the run.
+
+    The distributed twin is :class:`bdgf.distributed.workers.RayContext` (same attributes and
+    methods); a stage body (``pretrain_body``, ``train_body``) is written once against both.
+    """
+
+    rank = 0
+    world = 1
+    engine = "torch"
+    where = "single process"
+
+    def __init__(self, out_dir: str | Path, device: str | torch.device = "cpu", progress: bool = False):
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.progress = progress
+
+    def make_stepper(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+        """(model to call, stepper)."""
+        model = model.to(self.device)
+        return model, TorchStepper(model, optimizer, grad_clip)
+
+    def restore(self, signature: dict) -> tuple[Path | None, dict | None]:
+        """A single process has no checkpoint service to resume from (``--resume`` reads the
+        run's own files instead): always (None, None)."""
+        return None, None
+
+    def logger(self, name: str, restored: str = "", append: bool = False) -> JsonlLogger:
+        path = self.out_dir / name
+        if restored:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(restored)
+            append = True
+        return JsonlLogger(path, append=append)
+
+    def checkpoint(self, tag: str, metrics: dict, files: dict, meta: dict, stepper=None) -> None:
+        """Write each of ``files`` {name: checkpoint dict} into the stage folder (atomically)."""
+        for name, obj in files.items():
+            if obj is not None:
+                write_checkpoint(obj, self.out_dir / name)
+
+    def note_restart(self, record: dict) -> None:  # pragma: no cover - never restarts
+        pass

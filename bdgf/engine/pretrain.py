@@ -1,29 +1,42 @@
-"""Stage 1, single process: the balanced multimodal DDPM with adaptive modality masking.
+"""Stage 1: the balanced multimodal DDPM with adaptive modality masking (DESIGN §1.2).
 
-``pretrain_loop`` is the loop itself (model, data, stepper from outside; no global state) and is
-what the Ray Train entry point calls too; ``pretrain`` wires it to a scene store and a run dir.
+One driver for every way it runs. :func:`pretrain` checks its input, prepares the run directory
+and then runs :func:`pretrain_body` either here (``workers=0``: a plain single process) or on
+``workers`` Ray Train workers (:mod:`bdgf.distributed`); both leave the same files in the run
+and return the same :class:`~bdgf.summaries.PretrainSummary`. Inside the body only the context
+differs (rank, stepper, where checkpoints go); :func:`pretrain_loop` is the loop itself.
+
+Glossary (letters as in docs/glossary.md): B tiles in a batch, C bands, T tile side.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Subset
 
 from bdgf.config import PretrainConfig, RunConfig
-from bdgf.data.scene import Scene
+from bdgf.data.patches import shard_indices
+from bdgf.data.stores import open_stores
 from bdgf.data.tiles import TileDataset, random_augment
 from bdgf.diffusion.masking import AdaptiveModalityMasking, MaskingConfig
 from bdgf.diffusion.schedules import NoiseSchedule, ScheduleConfig
 from bdgf.diffusion.step import diffusion_training_step, unwrap_model
 from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
-from bdgf.engine.loop import TorchStepper, check_finite, cycle
+from bdgf.engine.loop import LocalContext, TorchStepper, check_finite, cycle
 from bdgf.errors import BDGFError
-from bdgf.run import JsonlLogger, Run, atomic_save, read_jsonl
+from bdgf.progress import Progress
+from bdgf.run import Run, read_checkpoint, read_jsonl
+from bdgf.summaries import PretrainSummary, most_masked
+
+log = logging.getLogger("bdgf.pretrain")
 
 
 def build_denoiser(cfg: PretrainConfig, bands: list[int]) -> tuple[DenoiserUNet, NoiseSchedule, AdaptiveModalityMasking]:
@@ -39,13 +52,15 @@ def build_denoiser(cfg: PretrainConfig, bands: list[int]) -> tuple[DenoiserUNet,
 
 def denoiser_checkpoint(model, schedule, masking, stepper, step: int, cfg: PretrainConfig,
                         modality_names: list[str], bands: list[int]) -> dict:
+    """The denoiser checkpoint dict (the format ``Run.load_denoiser`` reads)."""
     bare = unwrap_model(model)
+    state = stepper.state_dict() if stepper is not None else None
     return {
         "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
         "unet_config": asdict(bare.config),
         "schedule": schedule.state_dict(),
         "masking": masking.state_dict(),
-        "stepper": stepper.state_dict() if stepper is not None else None,
+        "stepper": state,
         "step": step,
         "config": asdict(cfg),
         "modality_names": list(modality_names),
@@ -53,16 +68,13 @@ def denoiser_checkpoint(model, schedule, masking, stepper, step: int, cfg: Pretr
     }
 
 
-def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[DenoiserUNet, NoiseSchedule, dict]:
-    """(frozen eval-mode denoiser, schedule, raw checkpoint) from a denoiser checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise BDGFError(f"{path}: no denoiser checkpoint; run `bdgf pretrain` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = DenoiserUNet(UNetConfig(**ckpt["unet_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval().requires_grad_(False).to(device)
-    return model, NoiseSchedule.from_state_dict(ckpt["schedule"]), ckpt
+def pretrain_signature(cfg: PretrainConfig, names: list[str], bands: list[int]) -> dict:
+    """What a resumable checkpoint must match: model, data layout and the settings of the loop."""
+    model, _, _ = build_denoiser(cfg, bands)
+    return {"stage": "pretrain", "unet_config": json.loads(json.dumps(asdict(model.config))),
+            "modalities": list(names), "bands": list(bands), "schedule": dict(cfg.schedule),
+            "masking": dict(cfg.masking), "loss_kind": cfg.loss_kind, "tile_size": cfg.tile_size,
+            "seed": cfg.seed}
 
 
 def pretrain_loop(
@@ -94,108 +106,212 @@ def pretrain_loop(
     it = iter(batches)
     logs: dict = {}
     last_good = start_step if start_step > 0 else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start_step, desc="pretrain", unit="step")
+    bar = Progress(steps, "pretrain", "step", initial=start_step, enabled=progress)
     t0, n_seen = time.perf_counter(), 0
-    for step in range(start_step + 1, steps + 1):
-        x0 = random_augment(next(it), generator).to(device)
-        loss, logs = diffusion_training_step(
-            model, schedule, masking, x0, channel_modality, generator, loss_kind=loss_kind,
-            modality_names=modality_names,
-        )
-        check_finite(loss, step, last_good, "pretrain")
-        stepper.step(loss)
-        n_seen += x0.shape[0]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if on_log is not None and (step % log_every == 0 or step == steps):
-            dt = time.perf_counter() - t0
-            on_log({"step": step, **logs, "tiles_per_s": n_seen / max(dt, 1e-9)})
-            t0, n_seen = time.perf_counter(), 0
-        if on_checkpoint is not None and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
-            on_checkpoint(step)
-            last_good = step
-    if bar is not None:
+    try:
+        for step in range(start_step + 1, steps + 1):
+            x0 = random_augment(next(it), generator).to(device)
+            loss, logs = diffusion_training_step(
+                model, schedule, masking, x0, channel_modality, generator, loss_kind=loss_kind,
+                modality_names=modality_names,
+            )
+            check_finite(loss, step, last_good, "pretrain")
+            stepper.step(loss)
+            n_seen += x0.shape[0]
+            bar.update(1, loss=logs["loss"])
+            if on_log is not None and (step % log_every == 0 or step == steps):
+                dt = time.perf_counter() - t0
+                on_log({"step": step, **logs, "tiles_per_s": n_seen / max(dt, 1e-9)})
+                t0, n_seen = time.perf_counter(), 0
+            if on_checkpoint is not None and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
+                on_checkpoint(step)
+                last_good = step
+    finally:
         bar.close()
     return logs
 
 
-def _most_masked(logs: dict, names: list[str]) -> str:
-    """The modality with the highest final masking probability, or "none (equal)"."""
-    p = {n: round(logs.get(f"p_mask/{n}", 0.0), 3) for n in names}
-    top = max(p.values()) if p else 0.0
-    leaders = [n for n in names if p[n] == top]
-    return leaders[0] if len(leaders) == 1 else "none (equal)"
+def tile_batches(stores: Sequence[str], cfg: PretrainConfig, *, micro_batch: int, rank: int = 0, world: int = 1,
+                 start: int = 0) -> tuple[DataLoader, torch.Generator]:
+    """(loader of ``steps - start`` random tile batches for this rank, augmentation generator).
+
+    Tiles are sampled with replacement from this rank's shard of every store's tiles; the
+    streams are a pure function of (seed, rank, start step), so a resumed run draws fresh tiles
+    deterministically. One process (rank 0 of 1) samples the whole tile set.
+    """
+    datasets = [TileDataset(s, cfg.tile_size) for s in stores]
+    data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    if world > 1:
+        data = Subset(data, shard_indices(len(data), rank, world, seed=cfg.seed, shuffle=True).tolist())
+    base = cfg.seed + start + 1_000_003 * rank
+    sampler = RandomSampler(data, replacement=True, num_samples=max(cfg.steps - start, 1) * micro_batch,
+                            generator=torch.Generator().manual_seed(base))
+    return DataLoader(data, batch_size=micro_batch, sampler=sampler, drop_last=True), torch.Generator().manual_seed(base)
 
 
 def tile_loader(store: str | Path, cfg: PretrainConfig, num_samples: int, seed: int) -> DataLoader:
+    """Random tiles of one store (for tests and benchmarks that drive ``pretrain_loop`` by hand)."""
     data = TileDataset(store, cfg.tile_size)
-    g = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(data, replacement=True, num_samples=num_samples, generator=g)
+    sampler = RandomSampler(data, replacement=True, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
 
 
-def pretrain(store: str | Path, run_dir: str | Path, config: RunConfig | None = None, *,
-             resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Pretrain the denoiser on a scene store into ``run_dir``; returns a summary dict."""
-    scene = Scene.open(store)
-    run = Run(run_dir)
-    if resume and run.denoiser_path.exists():
-        run.check_scene(scene)
-        config = run.config()
-    else:
-        config = config or RunConfig()
-        run.create(scene, config, overwrite=overwrite)
-    cfg = config.pretrain
-    torch.manual_seed(cfg.seed)
-    names = scene.modality_names
-    bands = [scene.bands[n] for n in names]
-    model, schedule, masking = build_denoiser(cfg, bands)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stepper = TorchStepper(model, optimizer, cfg.grad_clip)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    if resume and run.denoiser_path.exists():
-        ckpt = torch.load(run.denoiser_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        masking.load_state_dict(ckpt["masking"])
-        if ckpt.get("stepper"):
-            stepper.load_state_dict(ckpt["stepper"])
-        start = int(ckpt["step"])
-        generator.manual_seed(cfg.seed + start)
-    channel_modality = torch.as_tensor(scene.channel_modality)
-    logger = JsonlLogger(run.stage_dir("pretrain") / "log.jsonl", append=start > 0)
+# ----------------------------------------------------------------------------------------
+# The body: what one process (or each Ray Train worker) runs
+# ----------------------------------------------------------------------------------------
 
-    def save(step: int) -> None:
-        atomic_save(denoiser_checkpoint(model, schedule, masking, stepper, step, cfg, names, bands), run.denoiser_path)
 
-    loader = tile_loader(store, cfg, num_samples=max(cfg.steps - start, 1) * cfg.batch_size, seed=cfg.seed + start)
-    t0 = time.perf_counter()
+def pretrain_body(job: dict, ctx) -> None:
+    """Build the denoiser, restore what there is to restore, run the loop, checkpoint.
+
+    job: {"stores", "run_config", "signature", "init_from" (a denoiser.pt to continue from, or
+    None), "micro_batch", "progress", "fault" (tests: kill a worker once)}.
+    ctx: :class:`~bdgf.engine.loop.LocalContext` or :class:`~bdgf.distributed.workers.RayContext`.
+    """
+    scenes = open_stores(job["stores"], where=ctx.where)
+    pc = RunConfig.from_dict(job["run_config"]).pretrain
+    names = scenes[0].modality_names
+    bands = [scenes[0].bands[n] for n in names]
+    torch.manual_seed(pc.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
+    model, schedule, masking = build_denoiser(pc, bands)
+    start, stepper_state = 0, None
+    if job.get("init_from"):  # continue a run's denoiser.pt (weights, masking, step, optimiser)
+        state = read_checkpoint(job["init_from"], "denoiser checkpoint")
+        model.load_state_dict(state["model"])
+        masking.load_state_dict(state["masking"])
+        start, stepper_state = int(state["step"]), state.get("stepper")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
+    engine, stepper = ctx.make_stepper(model, optimizer, pc.grad_clip)
+    if stepper_state and isinstance(stepper, TorchStepper):
+        stepper.load_state_dict(stepper_state)
+
+    restored_log = ""
+    local, meta = ctx.restore(job["signature"])
+    if local is not None:  # a restarted worker: Ray Train's last checkpoint
+        state = read_checkpoint(local / "denoiser.pt", "denoiser checkpoint")
+        masking.load_state_dict(state["masking"])
+        stepper.load(local / "engine")
+        start = int(state["step"])
+        restored_log = (local / "log.jsonl").read_text() if (local / "log.jsonl").exists() else ""
+        log.warning("rank %d: resumed from the checkpoint of step %d", ctx.rank, start)
+        ctx.note_restart({"resumed_from_step": start})
+    if start >= pc.steps:
+        return
+
+    loader, generator = tile_batches(job["stores"], pc, micro_batch=int(job["micro_batch"]), rank=ctx.rank,
+                                     world=ctx.world, start=start)
+    logger = ctx.logger("log.jsonl", restored_log, append=start > 0) if ctx.rank == 0 else None
+    last: dict = {}
+
+    def on_log(rec: dict) -> None:
+        rec = {**rec, "workers": ctx.world, "global_tiles_per_s": rec["tiles_per_s"] * ctx.world}
+        last.clear()
+        last.update(rec)
+        if logger is not None:
+            logger(rec)
+
+    def on_checkpoint(step: int) -> None:
+        files = {}
+        if ctx.rank == 0:
+            files["denoiser.pt"] = denoiser_checkpoint(engine, schedule, masking, stepper, step, pc, names, bands)
+        ctx.checkpoint(f"checkpoint_step{step:08d}", {**last, "step": step}, files,
+                       {"stage": "pretrain", "step": step, "signature": job["signature"]}, stepper=stepper)
+
+    from bdgf.distributed.faults import fault_injection  # noqa: PLC0415 - tests only, no Ray import
+
+    synced = masking
+    if ctx.world > 1:
+        from bdgf.distributed.workers import SyncedMasking
+
+        synced = SyncedMasking(masking)
     try:
-        last = pretrain_loop(
-            model, schedule, masking, cycle(loader), stepper, steps=cfg.steps, channel_modality=channel_modality,
-            modality_names=names, loss_kind=cfg.loss_kind, generator=generator, start_step=start,
-            log_every=cfg.log_every, on_log=logger, checkpoint_every=cfg.checkpoint_every,
-            on_checkpoint=save, progress=progress,
+        pretrain_loop(
+            engine, schedule, synced, fault_injection(cycle(loader), start, ctx.rank, job.get("fault")), stepper,
+            steps=pc.steps, channel_modality=torch.as_tensor(scenes[0].channel_modality), modality_names=names,
+            loss_kind=pc.loss_kind, generator=generator, start_step=start, log_every=pc.log_every, on_log=on_log,
+            checkpoint_every=pc.checkpoint_every, on_checkpoint=on_checkpoint, progress=bool(job.get("progress")),
+            device=ctx.device,
         )
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------
+
+
+def pretrain(stores: str | Path | Sequence[str | Path], run_dir: str | Path, config: RunConfig | None = None, *,
+             resume: bool = False, overwrite: bool = False, progress: bool = True, workers: int = 0,
+             address: str | None = None, storage: str | None = None, max_failures: int | None = None,
+             ds_config: str | None = None) -> PretrainSummary:
+    """Pretrain the denoiser on one or more scene stores (of one band layout) into ``run_dir``.
+
+    ``workers=0`` runs here; ``workers=N`` runs on N Ray Train workers (DeepSpeed inside each) of
+    the cluster at ``address`` (default: RAY_ADDRESS, else a local Ray). Everything that can be
+    checked is checked before anything is written or launched. ``resume`` continues the run's
+    ``pretrain/denoiser.pt``; ``overwrite`` starts over (every old stage output is removed).
+    """
+    paths = [str(Path(s).resolve()) for s in ([stores] if isinstance(stores, (str, os.PathLike)) else stores)]
+    scenes = open_stores(paths, where="driver")
+    run = Run(run_dir)
+    config, continuing = run.pretrain_config(config, resume=resume, overwrite=overwrite)
+    if continuing:
+        run.check_scene(scenes[0])
+    pc = config.pretrain
+    names = scenes[0].modality_names
+    bands = [scenes[0].bands[n] for n in names]
+    signature = pretrain_signature(pc, names, bands)
+    job = {"stores": paths, "run_config": config.to_dict(), "signature": signature, "micro_batch": pc.batch_size,
+           "init_from": str(run.denoiser_path.resolve()) if continuing else None, "progress": progress}
+    launch = None
+    if workers:
+        from bdgf.distributed.launch import prepare_launch
+
+        launch = prepare_launch("pretrain", run, name="pretrain", workers=workers, address=address,
+                                micro_batch=pc.batch_size, grad_clip=pc.grad_clip, ds_config=ds_config,
+                                storage=storage, max_failures=max_failures, signature=signature, fresh=overwrite)
+        job.update(micro_batch=launch.micro_batch, progress=False)
+        if launch.continuing:  # a restarted job: Ray Train's checkpoint, not denoiser.pt, is the state
+            job["init_from"] = None
+    if continuing or (launch is not None and launch.continuing):
+        run.check_scene(scenes[0])
+        config.save(run.config_path)
+    else:
+        run.create(scenes[0], config, overwrite=overwrite)
+    run.record("stores", paths)
+
+    t0 = time.perf_counter()
+    if launch is None:
+        pretrain_body(job, LocalContext(run.stage_dir("pretrain"), progress=progress))
+        engine, checkpoint = "torch", None
+    else:
+        checkpoint = launch.fit(pretrain_body, job, out_dir=run.stage_dir("pretrain"))
+        engine = launch.engine
     wall = time.perf_counter() - t0
+
     from bdgf.plots import plot_pretrain_curves
 
-    plot_pretrain_curves(read_jsonl(run.path / "pretrain" / "log.jsonl"), run.path / "pretrain" / "curves.png")
-    summary = {
-        "steps": cfg.steps,
-        "final_loss": last.get("loss"),
-        "loss_per_modality": {n: last.get(f"loss/{n}") for n in names},
-        "p_mask": {n: last.get(f"p_mask/{n}") for n in names},
-        "most_masked": _most_masked(last, names),
-        "wall_s": wall,
-        "tiles_per_s": (cfg.steps - start) * cfg.batch_size / max(wall, 1e-9),
-    }
-    run.record("pretrain", summary)
+    records = [r for r in read_jsonl(run.pretrain_dir / "log.jsonl") if "loss" in r]
+    try:
+        plot_pretrain_curves(records, run.pretrain_dir / "curves.png")
+    except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+        log.warning("pretrain curves not drawn: %s", exc)
+    last = records[-1] if records else {}
+    rates = [r["global_tiles_per_s"] for r in records if r.get("global_tiles_per_s")]
+    p_mask = {n: last.get(f"p_mask/{n}") for n in names}
+    summary = PretrainSummary(
+        steps=int(run.denoiser_checkpoint()["step"]),
+        final_loss=last.get("loss"),
+        loss_per_modality={n: last.get(f"loss/{n}") for n in names},
+        p_mask=p_mask,
+        most_masked=most_masked(p_mask),
+        wall_s=wall,
+        tiles_per_s=sum(rates) / len(rates) if rates else None,
+        workers=max(workers, 1),
+        engine=engine,
+        checkpoint=checkpoint,
+    )
+    run.record("pretrain", summary.to_dict())
     return summary

@@ -1,0 +1,152 @@
+"""What runs inside each Ray Train worker: the stage body of :mod:`bdgf.engine` in a RayContext.
+
+Every worker opens its own shard straight from the Zarr store(s) by path: nothing scene-sized goes
+through the driver or the object store. The loops and bodies are the single-process ones; only
+the context differs: rank and world size from Ray Train, the DeepSpeed (or DDP) stepper, masking
+statistics gathered over ranks, and checkpoints reported to Ray Train.
+
+A checkpoint directory (one per report, merged from all ranks by Ray Train) holds:
+    meta.json       stage, step/epoch, the signature of model + data layout (checked on resume)
+    denoiser.pt     (pretrain) exactly the single-process checkpoint
+    classifier.pt   (train) the best-on-val classifier so far
+    train_state.pt  (train) epochs done and the best so far
+    engine/         DeepSpeed's own checkpoint (every rank's shard) or ddp.pt
+    log.jsonl       rank 0's log up to this checkpoint (so a restart drops the lost steps' lines)
+The driver copies every file but ``meta.json`` and ``engine/`` of the final one into the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bdgf.errors import BDGFError
+from bdgf.run import CheckpointMismatch, JsonlLogger, check_signature, write_checkpoint
+
+log = logging.getLogger("bdgf.distributed")
+
+
+class SyncedMasking:
+    """Adaptive modality masking whose statistics see every rank's batch.
+
+    ``update`` all-gathers the per-sample modality losses and presence flags, so each rank folds
+    the same global batch into its EMAs and every rank keeps the same masking probabilities.
+    Everything else is the wrapped :class:`AdaptiveModalityMasking`.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def update(self, per_modality_loss: torch.Tensor, present: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        both = torch.cat([per_modality_loss.detach().float(), present.detach().float().to(per_modality_loss.device)], 1)
+        parts = [torch.empty_like(both) for _ in range(world)]
+        dist.all_gather(parts, both.contiguous())
+        allb = torch.cat(parts, 0)
+        m = per_modality_loss.shape[1]
+        self.inner.update(allb[:, :m], allb[:, m:])
+
+
+class RayContext:
+    """A stage body's context on a Ray Train worker (same interface as ``LocalContext``)."""
+
+    def __init__(self, launch: dict):
+        import ray.train
+
+        c = ray.train.get_context()
+        self.rank, self.world = c.get_world_rank(), c.get_world_size()
+        self.engine = launch["engine"]
+        self.ds_config = launch["ds_config"]
+        self.run_dir = launch["run_dir"]
+        self.stage_rel = launch["stage_rel"]  # e.g. "pretrain" or "train/seed0"
+        self.where = f"worker rank {self.rank}"
+        self.progress = False
+        if torch.cuda.is_available():
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+        else:
+            self.device = torch.device("cpu")
+
+    def make_stepper(self, model, optimizer, grad_clip):
+        from bdgf.distributed.steppers import make_engine
+
+        return make_engine(self.engine, model, optimizer, self.ds_config, self.device)
+
+    def restore(self, signature: dict) -> tuple[Path | None, dict | None]:
+        """(local copy of Ray Train's latest checkpoint, its meta), or (None, None)."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None, None
+        local = Path(tempfile.mkdtemp(prefix="bdgf-restore-"))
+        with ckpt.as_directory() as d:
+            shutil.copytree(d, local, dirs_exist_ok=True)
+        meta_path = local / "meta.json"
+        if not meta_path.exists():
+            raise CheckpointMismatch(f"{self.where}: checkpoint {ckpt.path} has no meta.json (not a BDGF checkpoint)")
+        meta = json.loads(meta_path.read_text())
+        check_signature(meta.get("signature", {}), signature, ckpt.path)
+        return local, meta
+
+    def logger(self, name: str, restored: str = "", append: bool = False) -> JsonlLogger:
+        """Rank 0's live log: in the run dir when this node sees it, else a temporary folder;
+        restarted from the checkpoint's lines (the steps after it were lost and run again)."""
+        path = Path(self.run_dir) / self.stage_rel / name
+        if not Path(self.run_dir).exists():
+            path = Path(tempfile.mkdtemp(prefix="bdgf-log-")) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(restored)
+        self._log_path = path
+        return JsonlLogger(path, append=True)
+
+    def checkpoint(self, tag: str, metrics: dict, files: dict, meta: dict, stepper=None) -> None:
+        """Write this rank's part (engine shard; rank 0 also ``files``, meta and the log so far)
+        and report it to Ray Train: a barrier across ranks."""
+        import ray.train
+        from ray.train import CheckpointConsistencyMode
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"bdgf-{tag}-r{self.rank}-"))
+        try:
+            if stepper is not None:
+                stepper.save(tmp / "engine")
+            if self.rank == 0:
+                for name, obj in files.items():
+                    if obj is not None:
+                        write_checkpoint(obj, tmp / name)
+                (tmp / "meta.json").write_text(json.dumps(meta))
+                if getattr(self, "_log_path", None) is not None:
+                    shutil.copy(self._log_path, tmp / "log.jsonl")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=tag)
+            # Wait until the controller has committed it: a worker killed right after a report must
+            # still restart from this checkpoint (so at most checkpoint_every steps are ever lost).
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def note_restart(self, record: dict) -> None:
+        """Rank 0 appends a line to RUN/<stage>/restarts.jsonl (where this node sees the run dir)."""
+        d = Path(self.run_dir) / self.stage_rel
+        if self.rank == 0 and d.exists():
+            with open(d / "restarts.jsonl", "a") as f:
+                f.write(json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def run_body(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: the stage body named in ``config`` in a RayContext."""
+    body = config["body"]
+    if not callable(body):
+        raise BDGFError(f"not a stage body: {body!r}")
+    body(config["job"], RayContext(config["launch"]))

@@ -1,0 +1,109 @@
+"""What each stage returns: small typed records that the CLI, the demo, the benchmarks and the
+HTTP app print or read. Single-process and distributed runs fill the same fields
+(``workers`` is 1 and ``engine`` "torch" for a plain single process)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+def most_masked(p_mask: dict[str, float | None]) -> str:
+    """The modality with the highest final masking probability, or "none (equal)" on a tie."""
+    p = {n: round(v or 0.0, 3) for n, v in p_mask.items()}
+    if not p:
+        return "none (equal)"
+    top = max(p.values())
+    leaders = [n for n, v in p.items() if v == top]
+    return leaders[0] if len(leaders) == 1 else "none (equal)"
+
+
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
+
+
+@dataclass
+class PretrainSummary:
+    steps: int
+    final_loss: float | None
+    loss_per_modality: dict[str, float | None]
+    p_mask: dict[str, float | None]
+    most_masked: str
+    wall_s: float
+    tiles_per_s: float | None  # global (all workers), mean over the logged intervals
+    workers: int
+    engine: str
+    checkpoint: str | None = None  # the Ray Train checkpoint the run dir was filled from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        mods = ", ".join(f"{n}: loss {_num(self.loss_per_modality[n], '.4f')} p_mask {_num(self.p_mask[n], '.2f')}"
+                         for n in self.loss_per_modality)
+        return (f"pretrained {self.steps} steps on {self.workers} worker(s) ({self.engine}), loss "
+                f"{_num(self.final_loss, '.4f')} ({mods}); most masked: {self.most_masked}; "
+                f"{_num(self.tiles_per_s, '.1f')} tiles/s; {self.wall_s:.1f} s")
+
+
+FEATURE_STATES = {"reuse": "reused cached", "resume": "resumed", "new": "computed",
+                  "recompute": "recomputed (cache was for another checkpoint)"}
+
+
+@dataclass
+class FeatureSummary:
+    state: str  # reuse | resume | new | recompute
+    checkpoint: str  # hash of the denoiser's weights
+    channels: dict[str, int]
+    wall_s: float
+    pixels_per_s: float | None
+    workers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"{FEATURE_STATES[self.state]} features for checkpoint {self.checkpoint}: {self.channels} "
+                f"({self.wall_s:.1f} s, {self.workers} worker(s))")
+
+
+@dataclass
+class TrainSummary:
+    seed: int
+    epoch: int  # the selected (best-on-val) epoch
+    val_oa: float
+    val_nll: float
+    wall_s: float
+    branches: list[str]
+    workers: int
+    engine: str
+    epochs_run: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"seed {self.seed}: best val OA {self.val_oa:.4f} at epoch {self.epoch} of {self.epochs_run} "
+                f"({self.workers} worker(s), {self.engine}; {self.wall_s:.1f} s)")
+
+
+@dataclass
+class EvalSummary:
+    split: str
+    seeds: list[int]
+    oa: dict[str, float]  # {"mean", "std"} over seeds
+    aa: dict[str, float]
+    kappa: dict[str, float]
+    branches: dict[str, dict[str, dict[str, float]]]  # branch -> metric -> {"mean", "std"}
+    per_seed: dict[str, dict] = field(default_factory=dict)  # seed -> full classification report
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        def ms(d: dict) -> str:
+            return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+
+        lines = [f"{self.split} over seeds {self.seeds}: OA {ms(self.oa)}  AA {ms(self.aa)}  kappa {ms(self.kappa)}"]
+        for b, d in self.branches.items():
+            lines.append(f"  {b:<12} OA {ms(d['oa'])}  AA {ms(d['aa'])}  kappa {ms(d['kappa'])}")
+        return "\n".join(lines)
