@@ -22,12 +22,12 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import zarr
 
 from bdgf.errors import InputError, StoreError
+from bdgf.progress import progress as with_progress
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK = 256
@@ -220,8 +220,7 @@ def write_scene(
         _write_coords(mods, h, w, scene.transform)
         metas = []
         items = list(scene.modalities.items())
-        bar = _progress(items, "writing modalities", progress)
-        for name, mod in bar:
+        for name, mod in with_progress(items, "writing modalities", "modality", enabled=progress):
             data = np.where(np.isfinite(mod.data), mod.data, 0).astype(np.float32, copy=False)
             arr = mods.create_array(
                 name,
@@ -284,14 +283,6 @@ def _replace(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-
-
-def _progress(items: list, desc: str, enabled: bool) -> Iterable:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="modality")
 
 
 # ----------------------------------------------------------------------------------------
