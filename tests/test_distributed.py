@@ -57,20 +57,28 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
+def distributed_pretrain(store, run, cfg=None, **kw):
+    from bdgf.engine.pretrain import pretrain
+
+    return pretrain(store, run, cfg, progress=False, **kw)
+
+
 @pytest.fixture(scope="module")
 def pretrained(ray_session, store, tmp_path_factory):
-    from training.launch import distributed_pretrain
-
     run = tmp_path_factory.mktemp("runs") / "pre"
     summary = distributed_pretrain(store, run, tiny_config(), workers=2)
     return run, summary
 
 
-def test_pretrain_two_workers_deepspeed(pretrained):
-    from bdgf.engine.pretrain import load_denoiser
+def load_denoiser(path):
+    from bdgf.run import Run
 
+    return Run(Path(path).parents[1]).load_denoiser()
+
+
+def test_pretrain_two_workers_deepspeed(pretrained):
     run, summary = pretrained
-    assert summary["engine"] == "deepspeed" and summary["workers"] == 2 and summary["steps"] == 24
+    assert summary.engine == "deepspeed" and summary.workers == 2 and summary.steps == 24
     recs = [r for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == list(range(1, 25))
     assert all(r["workers"] == 2 and r["global_tiles_per_s"] > 0 for r in recs)
@@ -81,7 +89,7 @@ def test_pretrain_two_workers_deepspeed(pretrained):
     # DeepSpeed saved in the final Ray checkpoint.
     model, schedule, ckpt = load_denoiser(run / "pretrain" / "denoiser.pt")
     assert ckpt["step"] == 24 and ckpt["masking"]["step"] == 24  # one update per step, over the global batch
-    ray_ckpt = Path(summary["checkpoint"])
+    ray_ckpt = Path(summary.checkpoint)
     ds_state = torch.load(next(ray_ckpt.glob("engine/ds/*model_states.pt")), map_location="cpu", weights_only=False)
     from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
 
@@ -98,22 +106,72 @@ def test_pretrain_two_workers_deepspeed(pretrained):
 
 
 def test_classifier_two_workers(pretrained, store):
-    from bdgf.engine.classify import load_classifier
+    from bdgf.engine.classify import train
     from bdgf.engine.features import compute_features
-    from training.launch import distributed_train
+    from bdgf.run import Run
 
     run, _ = pretrained
     compute_features(store, run, progress=False)
-    r = distributed_train(store, run, seed=0, workers=2)
-    assert r["engine"] == "deepspeed" and r["epoch"] >= 1 and 0.0 <= r["val_oa"] <= 1.0
-    model = load_classifier(run / "train" / "seed0" / "classifier.pt")
+    r = train(store, run, seed=0, workers=2, progress=False)
+    assert r.engine == "deepspeed" and r.epoch >= 1 and 0.0 <= r.val_oa <= 1.0
+    model = Run(run).load_classifier(0)
     assert model.config.branches == ("cnn",)
     recs = read_jsonl(run / "train" / "seed0" / "log.jsonl")
     assert any("val_oa" in x for x in recs) and any("loss" in x for x in recs)
+    # One driver: a single-process seed of the same config leaves the same files and fields.
+    single = train(store, run, seed=1, progress=False)
+    assert single.engine == "torch" and single.workers == 1
+    assert list(vars(single)) == list(vars(r))
+    assert layout(run / "train" / "seed1") == layout(run / "train" / "seed0")
+    assert json.loads((run / "train" / "seed1" / "summary.json").read_text()).keys() == \
+        json.loads((run / "train" / "seed0" / "summary.json").read_text()).keys()
+
+
+def layout(root: Path) -> set[str]:
+    """Relative paths of the files under ``root``, without Ray Train's own experiment folder."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "ray"}
+
+
+def test_cli_pretrain_workers_overwrite_replaces_a_single_process_run(ray_session, store, tmp_path):
+    """`bdgf pretrain --workers 2 --overwrite` over an existing (single-process) run replaces it,
+    and the two leave the same run-directory layout and summary fields."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from bdgf.cli import app
+    from bdgf.run import Run, state_hash
+
+    cfg = tiny_config(steps=12, checkpoint_every=6)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    run = tmp_path / "run"
+    single = distributed_pretrain(store, run, cfg)  # workers=0: here, one process
+    assert single.workers == 1 and single.engine == "torch"
+    files_single = layout(run)
+    summary_single = json.loads((run / "run.json").read_text())["pretrain"]
+    old_hash = state_hash(Run(run).denoiser_checkpoint()["model"])
+    (run / "train" / "seed0").mkdir(parents=True)
+    (run / "train" / "seed0" / "stale.txt").write_text("a classifier of the old denoiser")
+
+    runner = CliRunner()
+    args = ["pretrain", str(store), "--out", str(run), "--config", str(tmp_path / "c.yaml"), "--workers", "2"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "already holds a pretrained run" in refused.output
+    done = runner.invoke(app, [*args, "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert "on 2 worker(s) (deepspeed)" in done.output
+
+    ckpt = Run(run).denoiser_checkpoint()
+    assert ckpt["step"] == 12 and state_hash(ckpt["model"]) != old_hash
+    assert not (run / "train").exists()  # every old stage output went with --overwrite
+    recs = [r for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, 13)) and all(r["workers"] == 2 for r in recs)
+    assert layout(run) == files_single
+    summary_dist = json.loads((run / "run.json").read_text())["pretrain"]
+    assert summary_dist.keys() == summary_single.keys() and summary_dist["workers"] == 2
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, store, tmp_path, monkeypatch):
-    from training.launch import FAULT_ENV, distributed_pretrain
+    from bdgf.distributed.faults import FAULT_ENV
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"14:{marker}:1")  # SIGKILL rank 1 before step 14, once
@@ -122,7 +180,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, store, tmp_path
     t0 = time.perf_counter()
     summary = distributed_pretrain(store, run, cfg, workers=2, max_failures=2)
     assert marker.exists(), "the worker was not killed"
-    assert summary["steps"] == 16
+    assert summary.steps == 16
     restarts = read_jsonl(run / "pretrain" / "restarts.jsonl")
     assert restarts and restarts[0]["resumed_from_step"] == 12
     lost = 14 - 1 - restarts[0]["resumed_from_step"]
@@ -139,8 +197,6 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, store, tmp_path
 
 
 def test_unreadable_store(tmp_path):
-    from training.launch import distributed_pretrain
-
     with pytest.raises(StoreError, match="does not exist"):
         distributed_pretrain(tmp_path / "nope.zarr", tmp_path / "run", tiny_config(), workers=2)
     (tmp_path / "empty.zarr").mkdir()
@@ -152,7 +208,6 @@ def test_unreadable_store(tmp_path):
 def test_stores_with_different_layouts(store, tmp_path):
     from bdgf.data.scene import write_scene
     from bdgf.data.synthetic import make_scene
-    from training.launch import distributed_pretrain
 
     other = tmp_path / "sar.zarr"
     write_scene(make_scene("sar", 0), other)
@@ -161,8 +216,7 @@ def test_stores_with_different_layouts(store, tmp_path):
 
 
 def test_deepspeed_batch_config_must_fit_world_size(store, tmp_path):
-    from training.engine import DistributedConfigError
-    from training.launch import distributed_pretrain
+    from bdgf.distributed.steppers import DistributedConfigError
 
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4,
@@ -176,8 +230,7 @@ def test_deepspeed_batch_config_must_fit_world_size(store, tmp_path):
 
 
 def test_resume_from_checkpoint_of_another_model(pretrained, store, tmp_path):
-    from training.workers import CheckpointMismatch
-    from training.launch import distributed_pretrain
+    from bdgf.run import CheckpointMismatch
 
     run, _ = pretrained
     other = tmp_path / "run"
@@ -189,7 +242,7 @@ def test_resume_from_checkpoint_of_another_model(pretrained, store, tmp_path):
 
 
 def test_unreachable_address_fails_fast(store, tmp_path):
-    from training.launch import ClusterUnreachable, distributed_pretrain
+    from bdgf.distributed.launch import ClusterUnreachable
 
     t0 = time.perf_counter()
     with pytest.raises(ClusterUnreachable, match=r"127\.0\.0\.1:9"):
@@ -204,20 +257,20 @@ def test_features_over_ray_tasks_match_single_process(pretrained, store, tmp_pat
     import numpy as np
     import zarr
 
-    from bdgf.diffusion.features import LEVELS, cached_spec
+    from bdgf.data.feature_cache import cached_spec
+    from bdgf.diffusion.features import LEVELS
     from bdgf.engine.features import compute_features
-    from training.launch import distributed_features
 
     run, _ = pretrained
     compute_features(store, run, progress=False)  # reused if the classifier test made them
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
     del zarr.open_group(str(copy), mode="r+")["features"]
-    s = distributed_features(copy, run, workers=2)
-    assert s["state"] == "new" and cached_spec(copy)[1]
+    s = compute_features(copy, run, workers=2, progress=False)
+    assert s.state == "new" and s.workers == 2 and cached_spec(copy)[1]
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(copy), mode="r")
     for name in LEVELS:
         # other tile batches: fp16 rounding of slightly different float sums, nothing more
         np.testing.assert_allclose(a["features"][name][...].astype(np.float32),
                                    b["features"][name][...].astype(np.float32), rtol=1e-2, atol=1e-3)
-    assert distributed_features(copy, run, workers=2)["state"] == "reuse"
+    assert compute_features(copy, run, workers=2, progress=False).state == "reuse"
