@@ -1,6 +1,11 @@
 """Mutual-learning loss of the BDGF classifier (DESIGN 1.4).
 
-    L = sum_b CE_b
+Glossary (letters as in docs/glossary.md)
+    B     batch (labelled pixels)
+    K     classes
+    Dz_b  embedding width of branch b's z
+
+    loss = sum_b CE_b
       + lambda_kl  * sum_b KL(p_b^tau || sg(pbar_{not b}^tau)) * tau^2
       + lambda_ent * sum_b |H(p_b) - Hbar|
       + lambda_sim * sum_{b<b'} (1 - cos(g_b(z_b), g_b'(z_b')))
@@ -9,12 +14,14 @@ Notation, per sample i (every term is then averaged over the batch):
     p_b^tau        softmax(logits_b / tau), the branch's temperature-softened prediction
     pbar_{not b}   mean of p_b'^tau over the *other* branches b' != b, under stop-gradient (sg):
                    the peer **target**; no gradient flows into the peers through branch b's term
-    KL(P || Q)     sum_k P_k (log P_k - log Q_k). As written in DESIGN, the first argument is the
-                   live branch distribution p_b (expectation under p_b, "reverse"/mode-seeking KL)
-                   and the second is the detached target pbar. ``kl_direction="target_first"``
-                   gives the classic deep-mutual-learning/distillation direction KL(pbar || p_b)
-                   instead; the default ``"branch_first"`` follows DESIGN literally.
-    H(p_b)         batch-mean entropy of the untempered softmax(logits_b), in nats
+    KL(p || q)     sum_j p_j (log p_j - log q_j) over the K classes. As written in DESIGN, the
+                   first argument is the live branch distribution p_b (expectation under p_b,
+                   "reverse"/mode-seeking KL) and the second is the detached target pbar.
+                   ``kl_direction="target_first"`` gives the classic deep-mutual-learning/
+                   distillation direction KL(pbar || p_b) instead; the default
+                   ``"branch_first"`` follows DESIGN literally.
+    H(p_b)         batch-mean entropy of the untempered softmax(logits_b), in nats (H(.) is the
+                   entropy function here, not the grid height)
     Hbar           mean of H(p_b) over branches (not detached: the term pulls entropies together)
     g_b            a small per-branch projector z_b (Dz_b) -> proj_dim; cos is per sample
 Pairs b < b' follow the order of the branches given at construction.
@@ -90,7 +97,7 @@ class MutualLearningLoss(nn.Module):
             tau = cfg.tau
             logp_tau = {b: F.log_softmax(logits[b] / tau, dim=-1) for b in names}        # (B, K)
             for b in names:
-                peers = torch.stack([logp_tau[o].detach() for o in names if o != b])     # (n-1, B, K)
+                peers = torch.stack([logp_tau[o].detach() for o in names if o != b])     # (branches - 1, B, K)
                 log_pbar = torch.logsumexp(peers, dim=0) - math.log(n - 1)                # log mean prob
                 lp = logp_tau[b]
                 if cfg.kl_direction == "branch_first":

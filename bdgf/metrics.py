@@ -4,6 +4,10 @@ Every function takes ``y_true`` and ``y_pred`` as 1-D sequences of class indices
 arrays, torch tensors on any device, or lists; any shape is flattened) of equal length N.
 Rows of the confusion matrix are the true class, columns the predicted class.
 
+Glossary (letters as in docs/glossary.md)
+    K   classes
+    N   samples (pixels) compared
+
 Conventions (DESIGN §1.4):
 - ``per_class_accuracy[k]`` is the recall of class k; it is NaN for a class absent from
   ``y_true`` (its accuracy is undefined, not 0 and not 1).

@@ -1,14 +1,19 @@
 """Cross-attention of the transformer branch (branch tokens attend to high-feature tokens).
 
-Glossary
-    B   batch (patches)      Hh  heads      Nq  query tokens      Nk  key/value tokens
-    D   head dim (<= 128)
-    q (B, Hh, Nq, D)    k, v (B, Hh, Nk, D)    out (B, Hh, Nq, D)    lse (B, Hh, Nq) float32
+Glossary (letters as in docs/glossary.md)
+    B   batch (patches)
+    Hh  attention heads
+    Nq  query tokens
+    Nk  key/value tokens
+    Dh  head dim (<= 128); the code's variables and error messages call it D
 
-``cross_attention_ref`` is the plain formula softmax(q k^T * scale) v (scale = D ** -0.5 by
+Tensors
+    q (B, Hh, Nq, Dh)    k, v (B, Hh, Nk, Dh)    out (B, Hh, Nq, Dh)    lse (B, Hh, Nq) float32
+
+``cross_attention_ref`` is the plain formula softmax(q k^T * scale) v (scale = Dh ** -0.5 by
 default). ``cross_attention_triton`` is a flash-attention kernel: online softmax over key blocks,
 never an Nq x Nk matrix in memory; the backward recomputes the probabilities from the saved
-log-sum-exp (one kernel for dK/dV, one for dQ, no atomics). Ragged Nq/Nk and any D <= 128 (the
+log-sum-exp (one kernel for dK/dV, one for dQ, no atomics). Ragged Nq/Nk and any Dh <= 128 (the
 block is padded to a power of two >= 16 by masked loads); float32, float16, bfloat16.
 """
 
@@ -42,7 +47,7 @@ def check_cross_attention(q, k, v, scale=None) -> None:
 
 
 def cross_attention_ref(q, k, v, scale=None):
-    """out (B, Hh, Nq, D) = softmax(q k^T * scale) v, dtype of q; softmax in float32 for half
+    """out (B, Hh, Nq, Dh) = softmax(q k^T * scale) v, dtype of q; softmax in float32 for half
     inputs (float64 for float64)."""
     check_cross_attention(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

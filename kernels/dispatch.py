@@ -133,7 +133,7 @@ def _run(op: str, backend: str, triton_fn, ref_fn, *args):
 
 
 def noise_and_mask(x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, channel_modality):
-    """x_t (B, C, H, W); see :func:`kernels.masked_denoise.noise_and_mask_ref`."""
+    """x_t (B, C, S, S); see :func:`kernels.masked_denoise.noise_and_mask_ref`."""
     args = (x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, channel_modality)
     _md.check_noise_and_mask(*args)
     be = backend_for("noise_and_mask", x0, eps, mask_embed)
@@ -149,7 +149,7 @@ def balanced_mse(pred, target, channel_modality, num_modalities):
 
 
 def cross_attention(q, k, v, scale=None):
-    """(B, Hh, Nq, D); see :func:`kernels.cross_attention.cross_attention_ref`."""
+    """(B, Hh, Nq, Dh); see :func:`kernels.cross_attention.cross_attention_ref`."""
     _ca.check_cross_attention(q, k, v, scale)
     be = backend_for("cross_attention", q, k, v)
     return _run("cross_attention", be, _ca.cross_attention_triton, _ca.cross_attention_ref, q, k, v, scale)
@@ -159,7 +159,7 @@ def selective_scan(u, delta, A, B, C, D=None, *, chunk_size: int | None = None):
     """y (Bt, L, Dm); see :func:`kernels.selective_scan.selective_scan_ref`."""
     _ss.check_selective_scan(u, delta, A, B, C, D)
     be = backend_for("selective_scan", u, delta, A, B, C)
-    if be == "mamba_ssm":  # mamba_ssm layout: u, delta (Bt, Dm, L); B, C (Bt, N, L)
+    if be == "mamba_ssm":  # mamba_ssm layout: u, delta (Bt, Dm, L); B, C (Bt, N_s, L)
         fn = _mamba_selective_scan_fn()
         y = fn(u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A.contiguous(),
                B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),

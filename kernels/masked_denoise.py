@@ -1,10 +1,16 @@
 """Masked denoising step of the balanced multimodal DDPM: noising + modality masking, and the
 balanced per-modality loss.
 
-Glossary
-    B  batch of tiles          C  channels, all modalities concatenated (e.g. 144 HSI + 1 LiDAR)
-    M  modalities              H, W  tile height, width
-    x0, eps      (B, C, H, W)  clean tile, Gaussian noise
+Glossary (letters as in docs/glossary.md)
+    B   batch of windows (tiles)
+    C   input bands, all modalities concatenated (e.g. 144 HSI + 1 LiDAR)
+    M   modalities
+    S   window side (pretraining tiles: S = T); any two sides work, and the error messages and
+        variables call them H, W
+    t   diffusion timestep of each sample
+
+Tensors
+    x0, eps      (B, C, S, S)  clean window, Gaussian noise
     sqrt_ab      (B,)          sqrt(alpha_bar_t) per sample;  sqrt_1mab (B,): sqrt(1 - alpha_bar_t)
     present      (B, M)        bool or float/int 0/1; nonzero = modality present (not masked)
     mask_embed   (C,)          learned embedding that replaces a masked modality's channels
@@ -15,7 +21,7 @@ between noising and loss, so that is two fused kernels: (1) noise + mask (forwar
 mask_embed its gradient, the sum of the upstream gradient over masked planes; x0/eps/schedule
 gradients are also provided but are never needed in training) and (2) the balanced loss
 reduction (forward: per-plane squared-error sums, then a (C, M) one-hot contraction; backward:
-elementwise 2 (pred - target) g[b, m] / (count_m * H * W)).
+elementwise 2 (pred - target) g[b, m] / (count_m * S * S)).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def noise_and_mask_ref(x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, channel_modality):
-    """x_t (B, C, H, W), dtype of x0: sqrt_ab*x0 + sqrt_1mab*eps where the channel's modality is
+    """x_t (B, C, S, S), dtype of x0: sqrt_ab*x0 + sqrt_1mab*eps where the channel's modality is
     present, else mask_embed[c]. Computed in float32 (float64 for float64 input)."""
     check_noise_and_mask(x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, channel_modality)
     acc = _acc_dtype(x0)

@@ -1,29 +1,35 @@
 """Selective scan (Mamba's diagonal state-space recurrence) in plain PyTorch.
 
-Glossary
-    Bt  batch of sequences      L  sequence length (tokens)      Dm  channels (d_inner)
-    N   state size per channel  T  chunk length                  nc = ceil(L / T) chunks
-    u, delta  (Bt, L, Dm)       A (Dm, N), negative real         B, C (Bt, L, N)
-    D  (Dm,) or None            h  (Bt, Dm, N) state             y  (Bt, L, Dm)
+Glossary (letters as in docs/glossary.md)
+    Bt   batch of sequences
+    L    sequence length (tokens)
+    Dm   channels (d_inner; E when called by the Mamba branch)
+    N_s  state size per channel (d_state; the code's variables and error messages call it N)
+    Q    chunk length (``chunk_size``; the code's local variable T, which is not the tile side)
+    nc   number of chunks, ceil(L / Q)
 
-Recurrence, t = 0 .. L-1, h_{-1} = 0:
-    h_t = exp(delta_t A) * h_{t-1} + (delta_t u_t) B_t      (outer product over Dm x N)
-    y_t = sum_n h_t[:, :, n] C_t[n] + D u_t
+Tensors (Mamba's names: A, B, C, D and the state h are tensors, not dimension letters)
+    u, delta  (Bt, L, Dm)       A (Dm, N_s), negative real       B, C (Bt, L, N_s)
+    D  (Dm,) or None            h  (Bt, Dm, N_s) state           y  (Bt, L, Dm)
+
+Recurrence over the token positions l = 0 .. L-1, h_{-1} = 0:
+    h_l = exp(delta_l A) * h_{l-1} + (delta_l u_l) B_l      (outer product over Dm x N_s)
+    y_l = sum_n h_l[:, :, n] C_l[n] + D u_l
 
 ``selective_scan_ref`` is the step-by-step loop under autograd (the definition; slow backward).
 ``selective_scan_chunked`` (the default everywhere) gives the same result in two forms:
 
-* eager: a custom autograd.Function that walks the sequence chunk by chunk (T steps), keeping
-  only that chunk's (T, Bt, Dm, N) decays/inputs/states in memory, updating the state in place
-  and saving just the chunk-boundary states (Bt, nc, Dm, N). Its backward recomputes each chunk's
-  states from the saved boundary and runs the adjoint recurrence backwards
-  (dh_t = C_t dy_t + a_{t+1} dh_{t+1}), then forms every gradient with a few einsums.
+* eager: a custom autograd.Function that walks the sequence chunk by chunk (Q steps), keeping
+  only that chunk's (Q, Bt, Dm, N_s) decays/inputs/states in memory, updating the state in place
+  and saving just the chunk-boundary states (Bt, nc, Dm, N_s). Its backward recomputes each
+  chunk's states from the saved boundary and runs the adjoint recurrence backwards
+  (dh_l = C_l dy_l + a_{l+1} dh_{l+1}), then forms every gradient with a few einsums.
 * traced (torch.export / torch.compile / ONNX): a parallel formulation of plain differentiable
   ops, :func:`scan_states`: within every chunk a Hillis-Steele scan of (decay, input) pairs
-  (log2 T levels, vectorised over all chunks), then one short loop over chunks carries the
+  (log2 Q levels, vectorised over all chunks), then one short loop over chunks carries the
   state. It gives a compact graph.
 
-Both only ever multiply decays a_t = exp(delta_t A) in (0, 1] (no exp of a positive number, no
+Both only ever multiply decays a_l = exp(delta_l A) in (0, 1] (no exp of a positive number, no
 division by a decay), so they are as stable as the loop. Half-precision inputs are computed in
 float32 and the result is cast back.
 
@@ -87,7 +93,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None):
 
 
 def scan_states(a: torch.Tensor, x: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
-    """All states h (Bt, L, Dm, N) of h_t = a_t h_{t-1} + x_t, h_{-1} = 0; a, x (Bt, L, Dm, N).
+    """All states h (Bt, L, Dm, N_s) of h_l = a_l h_{l-1} + x_l, h_{-1} = 0; a, x (Bt, L, Dm, N_s).
 
     Parallel formulation of differentiable plain ops (no in-place), traceable for a fixed L."""
     Bt, L, Dm, N = a.shape
@@ -100,7 +106,8 @@ def scan_states(a: torch.Tensor, x: torch.Tensor, chunk_size: int = 32) -> torch
     a = a.reshape(Bt, nc, T, Dm, N)
     x = x.reshape(Bt, nc, T, Dm, N)
     k = 1
-    while k < T:  # after this level, x[t] sums the inputs of (t - 2k, t], a[t] the decays
+    # T here is the chunk length Q (not the tile side).
+    while k < T:  # after this level, x[l] sums the inputs of (l - 2k, l], a[l] the decays
         x = torch.cat([x[:, :, :k], x[:, :, k:] + a[:, :, k:] * x[:, :, :-k]], dim=2)
         a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
         k *= 2
@@ -113,7 +120,7 @@ def scan_states(a: torch.Tensor, x: torch.Tensor, chunk_size: int = 32) -> torch
 
 
 def _chunked_parallel(u, delta, A, B, C, D, chunk_size):
-    decay = torch.exp(delta[..., None] * A)  # (Bt, L, Dm, N), in (0, 1] for A <= 0
+    decay = torch.exp(delta[..., None] * A)  # (Bt, L, Dm, N_s), in (0, 1] for A <= 0
     x = (delta * u)[..., None] * B[:, :, None, :]
     y = torch.einsum("bldn,bln->bld", scan_states(decay, x, chunk_size), C)
     return y if D is None else y + D * u
@@ -123,40 +130,40 @@ def _chunked_parallel(u, delta, A, B, C, D, chunk_size):
 
 
 def _tm(t, t0, t1):
-    """Steps [t0, t1) of a (Bt, L, K) tensor, time-major and contiguous: (T, Bt, K). Keeping every
-    operand contiguous time-major makes the full-size (T, Bt, Dm, N) results contiguous too."""
+    """Steps [t0, t1) of a (Bt, L, ...) tensor, time-major and contiguous: (Q, Bt, ...). Keeping
+    every operand contiguous time-major makes the full-size (Q, Bt, Dm, N_s) results contiguous too."""
     return t[:, t0:t1].transpose(0, 1).contiguous()
 
 
 def _chunk_inputs(u, delta, A, B, t0, t1):
-    """Time-major decays a and inputs x of steps [t0, t1): (T, Bt, Dm, N) each, contiguous."""
-    dl = _tm(delta, t0, t1)  # (T, Bt, Dm)
+    """Time-major decays a and inputs x of steps [t0, t1): (Q, Bt, Dm, N_s) each, contiguous."""
+    dl = _tm(delta, t0, t1)  # (Q, Bt, Dm)
     a = torch.exp(dl[..., None] * A)
     x = (dl * _tm(u, t0, t1))[..., None] * _tm(B, t0, t1)[:, :, None, :]
     return a, x
 
 
 def _chunk_states(a, x, h):
-    """States (T, Bt, Dm, N) of the chunk from the state h (Bt, Dm, N) before it; in place on x."""
+    """States (Q, Bt, Dm, N_s) of the chunk from the state h (Bt, Dm, N_s) before it; in place on x."""
     for t in range(a.shape[0]):
         h = x[t].addcmul_(a[t], h)
     return x
 
 
 def _contract_n(s, v):
-    """sum_n s[t, b, d, n] v[t, b, n] -> (T, Bt, Dm); v (T, Bt, N). Batched matvec."""
+    """sum_n s[l, b, d, n] v[l, b, n] -> (Q, Bt, Dm); v (Q, Bt, N_s). Batched matvec."""
     T, Bt, Dm, N = s.shape
     return torch.matmul(s.reshape(T * Bt, Dm, N), v.reshape(T * Bt, N, 1)).view(T, Bt, Dm)
 
 
 def _contract_d(w, s):
-    """sum_d w[t, b, d] s[t, b, d, n] -> (Bt, T, N); w (T, Bt, Dm). Batched vecmat."""
+    """sum_d w[l, b, d] s[l, b, d, n] -> (Bt, Q, N_s); w (Q, Bt, Dm). Batched vecmat."""
     T, Bt, Dm, N = s.shape
     return torch.matmul(w.reshape(T * Bt, 1, Dm), s.reshape(T * Bt, Dm, N)).view(T, Bt, N).transpose(0, 1)
 
 
 def _forward_chunks(u, delta, A, B, C, chunk_size):
-    """y (Bt, L, Dm) without D, and the state before each chunk (nc, Bt, Dm, N)."""
+    """y (Bt, L, Dm) without D, and the state before each chunk (nc, Bt, Dm, N_s)."""
     Bt, L, Dm = u.shape
     y = u.new_empty(Bt, L, Dm)
     h = u.new_zeros(Bt, Dm, A.shape[1])
@@ -187,22 +194,22 @@ class _ChunkedScan(torch.autograd.Function):
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dA = torch.zeros_like(A)
-        carry = torch.zeros_like(starts[0])  # a_{t+1} dh_{t+1} flowing into the chunk's last step
+        carry = torch.zeros_like(starts[0])  # a_{l+1} dh_{l+1} flowing into the chunk's last step
         for c in reversed(range(starts.shape[0])):
             t0, t1 = c * T, min(c * T + T, L)
             a, x = _chunk_inputs(u, delta, A, B, t0, t1)
-            hs = _chunk_states(a, x, starts[c])  # (T, Bt, Dm, N)
-            dyc = _tm(dy, t0, t1)  # (T, Bt, Dm)
-            dh = dyc[..., None] * _tm(C, t0, t1)[:, :, None, :]  # C_t dy_t
-            for t in reversed(range(t1 - t0)):  # dh_t = C_t dy_t + a_{t+1} dh_{t+1}
+            hs = _chunk_states(a, x, starts[c])  # (Q, Bt, Dm, N_s)
+            dyc = _tm(dy, t0, t1)  # (Q, Bt, Dm)
+            dh = dyc[..., None] * _tm(C, t0, t1)[:, :, None, :]  # C_l dy_l
+            for t in reversed(range(t1 - t0)):  # dh_l = C_l dy_l + a_{l+1} dh_{l+1} (l: the loop's t)
                 torch.mul(a[t], dh[t].add_(carry), out=carry)
             dC[:, t0:t1] = _contract_d(dyc, hs)
-            dlog = a.mul_(dh)  # gradient w.r.t. delta_t A: dh_t * h_{t-1} * a_t
+            dlog = a.mul_(dh)  # gradient w.r.t. delta_l A: dh_l * h_{l-1} * a_l
             dlog[1:].mul_(hs[:-1])
             dlog[0].mul_(starts[c])
             dlt, uc = _tm(delta, t0, t1), _tm(u, t0, t1)
             dA += (dlog * dlt[..., None]).sum(dim=(0, 1))
-            dxb = _contract_n(dh, _tm(B, t0, t1))  # gradient w.r.t. delta_t u_t, (T, Bt, Dm)
+            dxb = _contract_n(dh, _tm(B, t0, t1))  # gradient w.r.t. delta_l u_l, (Q, Bt, Dm)
             ddelta[:, t0:t1] = ((dlog * A).sum(-1) + dxb * uc).transpose(0, 1)
             du[:, t0:t1] = (dxb * dlt).transpose(0, 1)
             dB[:, t0:t1] = _contract_d(dlt * uc, dh)
@@ -216,15 +223,15 @@ def _tracing() -> bool:
 
 
 def auto_chunk_size(Bt: int, Dm: int, N: int) -> int:
-    """T such that a chunk's (T, Bt, Dm, N) float32 tensors stay near 2 MiB (cache-sized),
-    a power of two in [2, 32]. Measured on CPU: T = 4 at (Bt, Dm, N) = (64, 128, 16) ran 1.3x
-    faster than T = 16; at small sizes T = 16-32 is best (fewer launches)."""
+    """Q such that a chunk's (Q, Bt, Dm, N_s) float32 tensors stay near 2 MiB (cache-sized),
+    a power of two in [2, 32]. Measured on CPU: Q = 4 at (Bt, Dm, N_s) = (64, 128, 16) ran 1.3x
+    faster than Q = 16; at small sizes Q = 16-32 is best (fewer launches)."""
     t = max(1, (1 << 19) // max(1, Bt * Dm * N))
     return min(32, max(2, 1 << (t.bit_length() - 1)))
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, chunk_size: int | None = None):
-    """y (Bt, L, Dm), dtype of u: same as :func:`selective_scan_ref`, chunk by chunk (T =
+    """y (Bt, L, Dm), dtype of u: same as :func:`selective_scan_ref`, chunk by chunk (Q =
     chunk_size, default :func:`auto_chunk_size`); the parallel formulation inside a trace (see
     the module docstring)."""
     check_selective_scan(u, delta, A, B, C, D)

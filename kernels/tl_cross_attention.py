@@ -1,7 +1,13 @@
 """Triton flash-attention kernels for ``kernels.cross_attention`` (forward, dK/dV, dQ).
 
-Glossary: BH = B * Hh (one program column per (batch, head)), Nq, Nk tokens, D head dim padded
-to BLOCK_D by masked loads. q/k/v/out are contiguous (B, Hh, N, D). Scores are kept in base 2:
+Glossary (letters as in docs/glossary.md)
+    BH  B * Hh: one program column per (batch, head)
+    Nq  query tokens
+    Nk  key/value tokens
+    Dh  head dim (the kernels' argument D), padded to BLOCK_D by masked loads
+
+q/k/v/out are contiguous (B, Hh, Nq or Nk, Dh). The pointer arguments Q, K, V, O, LSE, DO, DQ,
+DK, DV are tensor names, not dimension letters. Scores are kept in base 2:
 s2 = (q . k) * scale * log2(e), and LSE (B, Hh, Nq) float32 stores log2 sum_j exp2(s2_j).
 UPCAST (set only for bfloat16 under TRITON_INTERPRET, whose numpy tl.dot mishandles bfloat16)
 casts the loaded tiles to float32. Masked key columns get s2 = -inf (p = 0); padded query rows load LSE = +inf (p = 0).

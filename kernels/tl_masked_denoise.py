@@ -1,8 +1,15 @@
 """Triton kernels for the masked denoising step (launched by ``kernels.masked_denoise``).
 
-Glossary: B batch, C channels (all modalities concatenated), M modalities, HW = H*W pixels,
-row = b*C + c (one channel plane of one sample; tensors are contiguous (B, C, H, W)).
-All arithmetic is float32; outputs are cast to the storage dtype.
+Glossary (letters as in docs/glossary.md)
+    B   batch
+    C   input bands, all modalities concatenated
+    M   modalities
+    HW  pixels of one channel plane (S * S for an S x S window)
+
+row = b*C + c indexes one channel plane of one sample; tensors are contiguous (B, C, S, S). The
+pointer arguments (X0, EPS, KEEP, ..., and P = pred, T = target, W = weights, G = gradient) are
+tensor names, not dimension letters. All arithmetic is float32; outputs are cast to the storage
+dtype.
 """
 
 from __future__ import annotations

@@ -5,8 +5,16 @@ of every modality (normalised, concatenated in scene order) and, optionally, of 
 diffusion feature maps ``features/<name>``. Windows that run past the grid are reflect-padded,
 exactly as :meth:`bdgf.data.scene.Scene.read_window` does.
 
+Glossary (letters as in docs/glossary.md)
+    C   input bands, all modalities concatenated (in scene order)
+    P   patch side (odd); r = P // 2
+    F   channels of a cached diffusion feature map
+    H, W   scene grid height, width
+    K   classes (labels 0..K-1 here: the store's 1..K minus 1)
+    N   labelled, valid pixels of a split
+
 >>> ds = PatchDataset("houston.zarr", "train", patch_size=11, features=None)
->>> item = ds[0]   # {"patch": (C_total, 11, 11) f32, "label": () i64, "valid": (11, 11) bool, "coords": (2,) i64}
+>>> item = ds[0]   # {"patch": (C, 11, 11) f32, "label": () i64, "valid": (11, 11) bool, "coords": (2,) i64}
 >>> loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=2)   # default collate
 
 Distributed training: every rank builds the dataset with its ``rank``/``world_size`` and calls
@@ -114,7 +122,7 @@ class PatchDataset(torch.utils.data.Dataset):
             ``MEMORY_CACHE_MAX_BYTES``.
         epoch: initial epoch (see :meth:`set_epoch`).
 
-    Item (tensors): "patch" (C_total, P, P) float32, modalities concatenated in scene order,
+    Item (tensors): "patch" (C, P, P) float32, modalities concatenated in scene order,
     invalid pixels 0; "label" () int64 in 0..K-1 (store label minus 1); "valid" (P, P) bool;
     "coords" (2,) int64 (row, col) of the centre; and per requested feature "<name>"
     (F, P, P) float32.

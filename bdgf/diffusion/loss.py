@@ -1,11 +1,12 @@
 """Stage-1 losses (DESIGN §1.2).
 
-Glossary
+Glossary (letters as in docs/glossary.md)
     B   batch size
     M   number of modalities
-    C   channels of all modalities concatenated
+    C   input bands, all modalities concatenated
+    S   side of the windows the denoiser sees (pretraining tiles: S = T)
 
-The per-modality errors (B,M) come from ``kernels.dispatch.balanced_mse`` (the mean squared error
+The per-modality errors (B, M) come from ``kernels.dispatch.balanced_mse`` (the mean squared error
 over each modality's own channels and pixels); these functions only combine them.
 """
 
@@ -20,7 +21,7 @@ __all__ = ["balanced_loss", "concat_mse"]
 def balanced_loss(per_mod: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """L = mean_b Σ_m w_m · per_mod[b, m]; scalar.
 
-    per_mod (B,M): each modality's mean squared error over its own channels and pixels.
+    per_mod (B, M): each modality's mean squared error over its own channels and pixels.
     weights (M,) or None: None means w_m = 1/M (modalities averaged, each counts the same
     whatever its band count). Given weights are used as they are (not renormalised)."""
     if per_mod.ndim != 2:
@@ -34,7 +35,7 @@ def balanced_loss(per_mod: torch.Tensor, weights: torch.Tensor | None = None) ->
 
 
 def concat_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Plain MSE over the channel-wise concatenation (the ablation): pred, target (B,C,H,W) -> scalar.
+    """Plain MSE over the channel-wise concatenation (the ablation): pred, target (B, C, S, S) -> scalar.
     A modality with n bands gets n times the say of a 1-band one."""
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")

@@ -1,6 +1,6 @@
-"""Adaptive modality masking (DESIGN §1.2) for N >= 2 modalities.
+"""Adaptive modality masking (DESIGN §1.2) for M >= 2 modalities.
 
-Glossary
+Glossary (letters as in docs/glossary.md)
     B   batch size
     M   number of modalities
 

@@ -1,11 +1,12 @@
 """Noise schedules for the stage-1 DDPM, kept apart from the denoiser (diffusers style).
 
-Glossary
-    T   number of diffusion steps (timesteps are integers 0 .. T-1)
+Glossary (letters as in docs/glossary.md)
+    t   a diffusion timestep, an integer 0 .. num_timesteps - 1 (the schedule length is written
+        ``num_timesteps``, never T: T is the tile side)
     B   batch size
 
-Convention: ``alphas_cumprod[t] = prod_{s <= t} (1 - betas[s])``, so ``t = 0`` is the least noisy
-step and ``t = T - 1`` the noisiest. The forward process is
+Convention: ``alphas_cumprod[t] = prod_{j <= t} (1 - betas[j])``, so ``t = 0`` is the least noisy
+step and ``t = num_timesteps - 1`` the noisiest. The forward process is
 ``x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * eps``.
 """
 
@@ -23,10 +24,12 @@ __all__ = ["ScheduleConfig", "NoiseSchedule", "linear_betas", "cosine_betas"]
 class ScheduleConfig:
     kind: str = "cosine"  # "linear" | "cosine"
     num_timesteps: int = 1000
-    beta_start: float = 1e-4  # linear only, for T = 1000 (scaled by 1000 / T, as in Nichol & Dhariwal)
+    # beta_start: linear only, for num_timesteps = 1000 (scaled by 1000 / num_timesteps, as in
+    # Nichol & Dhariwal)
+    beta_start: float = 1e-4
     beta_end: float = 0.02  # linear only
     cosine_s: float = 0.008  # cosine only: offset that keeps beta_0 from being vanishingly small
-    max_beta: float = 0.999  # cosine only: clip that avoids a singularity at t = T - 1
+    max_beta: float = 0.999  # cosine only: clip that avoids a singularity at t = num_timesteps - 1
 
     def __post_init__(self):
         if self.kind not in ("linear", "cosine"):
@@ -36,14 +39,15 @@ class ScheduleConfig:
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Ho et al. linear schedule, (T,) float64; endpoints scaled by 1000 / T so any T is comparable."""
+    """Ho et al. linear schedule, (num_timesteps,) float64; endpoints scaled by 1000 / num_timesteps
+    so any schedule length is comparable."""
     scale = 1000.0 / num_timesteps
     return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal cosine schedule, (T,) float64: alpha_bar(t) = f(t) / f(0),
-    f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), betas clipped to ``max_beta``."""
+    """Nichol & Dhariwal cosine schedule, (num_timesteps,) float64: alpha_bar(t) = f(t) / f(0),
+    f(t) = cos^2(((t / num_timesteps) + s) / (1 + s) * pi / 2), betas clipped to ``max_beta``."""
     steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -54,7 +58,7 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 def mix(x0: torch.Tensor, eps: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor) -> torch.Tensor:
     """The forward-process formula, the one place it is written: x_t = sqrt(ab)·x0 + sqrt(1-ab)·eps.
 
-    x0, eps (B, ..., H, W); sqrt_ab, sqrt_1mab (B,) or of x0's leading dims, broadcast on the rest.
+    x0, eps (B, ..., S, S); sqrt_ab, sqrt_1mab (B,) or of x0's leading dims, broadcast on the rest.
     """
     extra = x0.dim() - sqrt_ab.dim()
     shape = tuple(sqrt_ab.shape) + (1,) * extra
@@ -64,7 +68,7 @@ def mix(x0: torch.Tensor, eps: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: t
 class NoiseSchedule:
     """Precomputed schedule tensors (float64 on CPU until ``to``), no learnable state.
 
-    Attributes (all (T,)): ``betas``, ``alphas_cumprod``, ``sqrt_alphas_cumprod``,
+    Attributes (all (num_timesteps,)): ``betas``, ``alphas_cumprod``, ``sqrt_alphas_cumprod``,
     ``sqrt_one_minus_alphas_cumprod``.
     """
 
@@ -105,13 +109,13 @@ class NoiseSchedule:
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None) -> torch.Tensor:
-        """Uniform integer timesteps (B,) int64 in [0, T), drawn on the generator's device."""
+        """Uniform integer timesteps (B,) int64 in [0, num_timesteps), drawn on the generator's device."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Plain forward process (no masking): x0, eps (B,C,H,W), t (B,) -> x_t (B,C,H,W)."""
+        """Plain forward process (no masking): x0, eps (B, C, S, S), t (B,) -> x_t (B, C, S, S)."""
         a, b = self.coefficients(t, x0.dtype)
         return mix(x0, eps, a, b)
 

@@ -1,10 +1,12 @@
 """One stage-1 training step (forward + loss + masking update), free of optimizer logic.
 
-Glossary
+Glossary (letters as in docs/glossary.md)
     B   batch size
-    C   channels of all modalities concatenated
+    C   input bands, all modalities concatenated
     M   number of modalities
-    H,W tile size
+    S   side of the clean windows x0 (pretraining tiles: S = T, no halo; the code's messages
+        call the two sides H, W)
+    t   diffusion timestep of each sample, (B,)
 
 The same function serves a single-process loop and a Ray Train / DeepSpeed loop: the caller owns
 the optimizer (``loss.backward(); opt.step()`` or ``engine.backward(loss); engine.step()``).
@@ -48,7 +50,7 @@ def diffusion_training_step(
     """Noise and mask a batch of clean tiles, denoise it, and return (loss, logs).
 
     model: a ``DenoiserUNet`` (or a wrapper with ``.module``), called as model(x_t, t, present).
-    x0 (B,C,H,W): clean normalised tiles; channel_modality (C,) int64: modality index of each channel.
+    x0 (B, C, S, S): clean normalised tiles; channel_modality (C,) int64: modality index of each channel.
     generator: draws t, eps and the presence flags (on its own device; results moved to x0's).
     loss_kind: "balanced" (per-modality means averaged, DESIGN §1.2) or "concat" (plain MSE ablation).
     weights (M,) or None: modality weights of the balanced loss (None: 1/M each).
@@ -72,15 +74,15 @@ def diffusion_training_step(
     B, device = x0.shape[0], x0.device
     gdev = generator.device if generator is not None else torch.device("cpu")
     t = schedule.sample_timesteps(B, generator).to(device)  # (B,)
-    eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(device)  # (B,C,H,W)
-    present = masking.sample(B, generator, device)  # (B,M)
+    eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(device)  # (B, C, S, S)
+    present = masking.sample(B, generator, device)  # (B, M)
     sqrt_ab, sqrt_1mab = schedule.coefficients(t, x0.dtype)  # (B,), (B,)
 
     mask_embed = unwrap_model(model).mask_embedding  # (C,)
     x_t = noise_and_mask(x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, channel_modality)
-    x0_hat = model(x_t, t, present)  # (B,C,H,W)
+    x0_hat = model(x_t, t, present)  # (B, C, S, S)
 
-    per_mod = balanced_mse(x0_hat, x0, channel_modality, M)  # (B,M)
+    per_mod = balanced_mse(x0_hat, x0, channel_modality, M)  # (B, M)
     loss = balanced_loss(per_mod, weights) if loss_kind == "balanced" else concat_mse(x0_hat, x0)
 
     per_mod_d = per_mod.detach()

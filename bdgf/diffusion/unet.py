@@ -1,23 +1,33 @@
 """Compact 2-D UNet denoiser for the stage-1 balanced multimodal DDPM (x0-prediction).
 
-Tensor-shape glossary
-    B   batch size
-    C   input channels: all modalities concatenated channel-wise (e.g. 144 HSI + 1 LiDAR)
-    M   number of modalities
-    H,W tile height and width; both divisible by 2^(L-1)
-    L   number of resolution levels, len(channel_mults); level i has resolution H/2^i
-    Ci  channels at level i = base_channels * channel_mults[i]
-    E   embedding width (time + presence) = base_channels * embed_mult
+Glossary (letters as in docs/glossary.md)
+    B      batch size
+    C      input bands: all modalities concatenated channel-wise (e.g. 144 HSI + 1 LiDAR)
+    M      number of modalities
+    S      side of the window the denoiser sees (S = T + 2h for features; a pretraining tile,
+           S = T, during pretraining); divisible by 2^(n_lev - 1). Non-square windows work too;
+           the code's messages call the two sides H, W.
+    n_lev  number of resolution levels, len(channel_mults)
+    S_i    side at level i, S / 2^i
+    F_i    channels at level i = base_channels * channel_mults[i]
+    F_low, F_mid, F_high   channels of the three feature levels (F_i at ``feature_levels``)
+    D_emb  embedding width (time + presence) = base_channels * embed_mult (the variable ``E``)
+    G      GroupNorm channel groups (``norm_groups``)
+    Hh     attention heads of the coarsest level (``attention_heads``)
+    Dh     head width there, F_i / Hh
+    t      diffusion timestep of each sample, (B,)
 
 Layout
-    conv_in (C -> C0)
-    encoder  level i: blocks_per_level ResBlocks at Ci, skip saved, Downsample unless i = L-1
+    conv_in (C -> F_0)
+    encoder  level i: blocks_per_level ResBlocks at F_i, skip saved, Downsample unless
+             i = n_lev - 1
     middle   ResBlock, SelfAttention (coarsest level), ResBlock
-    decoder  level i = L-1 .. 0: ResBlock(cat(h, skip_i)) + (blocks_per_level - 1) ResBlocks at Ci,
-             the output is the decoder feature of level i, then Upsample unless i = 0
-    out      GroupNorm, SiLU, conv (C0 -> C)  -> x0_hat (B,C,H,W)
+    decoder  level i = n_lev - 1 .. 0: ResBlock(cat(activation, skip_i)) + (blocks_per_level - 1)
+             ResBlocks at F_i, the output is the decoder feature of level i, then Upsample
+             unless i = 0
+    out      GroupNorm, SiLU, conv (F_0 -> C)  -> x0_hat (B, C, S, S)
 
-The embedding ``emb`` (B,E) = MLP(sinusoidal(t)) + MLP(presence flags); every ResBlock adds a
+The embedding ``emb`` (B, D_emb) = MLP(sinusoidal(t)) + MLP(presence flags); every ResBlock adds a
 projection of it to its feature map. The learned ``mask_embedding`` (C,) is owned here and is what
 masked modalities' channels are replaced with in the noisy input (see kernels.dispatch.noise_and_mask).
 
@@ -49,7 +59,7 @@ class UNetConfig:
     embed_mult: int = 4
     dropout: float = 0.0
     # Decoder levels (low, mid, high) whose outputs are the diffusion features (DESIGN §1.3);
-    # level i has resolution H/2^i, so the default gives full, 1/2 and 1/4 resolution.
+    # level i has side S_i = S/2^i, so the default gives full, 1/2 and 1/4 resolution.
     feature_levels: tuple[int, int, int] = (0, 1, 2)
 
     def __post_init__(self):
@@ -88,7 +98,7 @@ class UNetConfig:
 
     @property
     def tile_multiple(self) -> int:
-        """Tile height and width must be multiples of this (2^(L-1))."""
+        """The window's sides must be multiples of this (2^(n_lev - 1))."""
         return 2 ** (self.num_levels - 1)
 
 
@@ -101,7 +111,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """x (B,Cin,h,w), emb (B,E) -> (B,Cout,h,w); GroupNorm -> SiLU -> conv, + emb, twice; residual."""
+    """x (B, cin, S_i, S_i), emb (B, D_emb) -> (B, cout, S_i, S_i); GroupNorm -> SiLU -> conv,
+    + emb, twice; residual."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
         super().__init__()
@@ -121,7 +132,8 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the h*w positions: (B,Ch,h,w) -> (B,Ch,h,w), residual."""
+    """Multi-head self-attention over the S_i * S_i positions: (B, channels, S_i, S_i) -> same,
+    residual. (The local h, w are S_i's two sides, not the halo.)"""
 
     def __init__(self, channels: int, heads: int, groups: int):
         super().__init__()
@@ -133,14 +145,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, heads, h*w, c/heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, h*w, c/heads)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, Hh, S_i*S_i, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, Hh, S_i*S_i, Dh)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
 
 class Downsample(nn.Module):
-    """(B,Ch,h,w) -> (B,Ch,h/2,w/2), stride-2 conv."""
+    """(B, channels, S_i, S_i) -> (B, channels, S_i/2, S_i/2), stride-2 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -151,7 +163,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """(B,Ch,h,w) -> (B,Ch,2h,2w), nearest then conv."""
+    """(B, channels, S_i, S_i) -> (B, channels, 2 S_i, 2 S_i), nearest then conv."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -162,7 +174,7 @@ class Upsample(nn.Module):
 
 
 class DenoiserUNet(nn.Module):
-    """x0-predicting UNet. ``forward(x_t (B,C,H,W), t (B,) int64, present (B,M)) -> x0_hat (B,C,H,W)``."""
+    """x0-predicting UNet. ``forward(x_t (B, C, S, S), t (B,) int64, present (B, M)) -> x0_hat (B, C, S, S)``."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -227,16 +239,18 @@ class DenoiserUNet(nn.Module):
                              f"got {tuple(present.shape)}")
 
     def embed(self, t: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """t (B,), present (B,M) -> emb (B,E)."""
+        """t (B,), present (B, M) -> emb (B, D_emb)."""
         p = present.to(torch.float32)
         temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         return temb + self.presence_mlp(torch.cat([p, 1.0 - p], dim=-1))
 
     def forward_with_features(self, x_t: torch.Tensor, t: torch.Tensor, present: torch.Tensor
                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x_t (B,C,H,W), t (B,), present (B,M) ->
-        (x0_hat (B,C,H,W), {"low": (B,F_low,H,W), "mid": (B,F_mid,H/2,W/2), "high": (B,F_high,H/4,W/4)})
-        with default feature_levels; features are decoder outputs at those levels (before upsampling)."""
+        """x_t (B, C, S, S), t (B,), present (B, M) ->
+        (x0_hat (B, C, S, S), {"low": (B, F_low, S, S), "mid": (B, F_mid, S/2, S/2),
+        "high": (B, F_high, S/4, S/4)}) with default feature_levels; features are decoder outputs
+        at those levels (before upsampling). (The local ``h`` is the running activation, not the
+        halo.)"""
         self._check(x_t, t, present)
         emb = self.embed(t, present).to(x_t.dtype)
         h = self.conv_in(x_t)
@@ -259,5 +273,5 @@ class DenoiserUNet(nn.Module):
         return x0_hat, feats
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """x_t (B,C,H,W), t (B,) int64, present (B,M) 0/1 -> x0_hat (B,C,H,W)."""
+        """x_t (B, C, S, S), t (B,) int64, present (B, M) 0/1 -> x0_hat (B, C, S, S)."""
         return self.forward_with_features(x_t, t, present)[0]

@@ -1,12 +1,12 @@
 """BDGF stage-2 classifier: any subset of the three feature-guided branches, one head each.
 
-Tensor-shape glossary
+Glossary (letters as in docs/glossary.md)
     B       batch (labelled pixels)
-    C       modality bands, all modalities concatenated (``in_channels``)
+    C       input bands, all modalities concatenated (``in_channels``)
     P       patch side (odd, default 11); the output is for the centre pixel
     F_low, F_mid, F_high   diffusion-feature channels (``feature_channels["low"|"mid"|"high"]``)
     K       classes
-    Dz      a branch's embedding width (z)
+    Dz      a branch's embedding width (of z)
 
 Branch <- guiding feature level (DESIGN 1.4):  cnn <- low,  mamba <- mid,  transformer <- high.
 The prediction is the mean of the branch softmaxes; each branch's logits and z are also returned

@@ -1,22 +1,25 @@
 """CNN branch, guided by the **low** (fine) diffusion features through feature fusion.
 
-Tensor-shape glossary
+Glossary (letters as in docs/glossary.md)
     B       batch (labelled pixels)
-    C       modality bands, all modalities concatenated (``in_channels``)
-    P       patch side (odd, default 11); the classified pixel is the centre one
+    C       input bands, all modalities concatenated (``in_channels``)
+    P       patch side (odd, default 11); the classified pixel is the centre one; r = P // 2
+    T       tile side (``dense``: every pixel of a T x T tile at once)
     F_low   channels of the low diffusion features
     D       branch width (``CNNConfig.width``)
     D_low   width of the 1x1-projected low features (``CNNConfig.low_width``)
-    S       side left after the unpadded convolutions: S = P - 2 * (1 + num_blocks)
+    V       side of the window left after the unpadded convolutions: V = P - 2 * (1 + num_blocks)
+            (the variable ``S`` in ``dense``)
 
 Every convolution is unpadded and every normalisation is per pixel (LayerNorm over channels), so
-the branch is exactly computable densely over a tile: running it on an (H, W) tile gives, at each
-valid position, what it gives on the patch centred there. The final window pooling (mean over the
-S x S window) is a stride-1 average pool in that dense form.
+the branch is exactly computable densely over a tile: running it on the (T + 2r) x (T + 2r)
+region around a T x T tile gives, at each of the tile's pixels, what it gives on the patch
+centred there. The final window pooling (mean over the V x V window) is a stride-1 average pool
+in that dense form. Helpers that take maps of any size write their sides as ``rows, cols``.
 
     patch (B, C, P, P) --conv3x3--> (B, D, P-2, P-2) --+
     low (B, F_low, P, P) --1x1, crop 1--> (B, D_low, P-2, P-2) --+--concat, 1x1--> (B, D, P-2, P-2)
-    --num_blocks x ResBlock (each -2)--> (B, D, S, S) --window mean--> z_cnn (B, D)
+    --num_blocks x ResBlock (each -2)--> (B, D, V, V) --window mean--> z_cnn (B, D)
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class CNNConfig:
 
 
 class ChannelNorm(nn.Module):
-    """LayerNorm over channels at each pixel: (B, D, H, W) -> (B, D, H, W). Pixel-local."""
+    """LayerNorm over channels at each pixel: (B, D, rows, cols) -> (B, D, rows, cols). Pixel-local."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -49,12 +52,12 @@ class ChannelNorm(nn.Module):
 
 
 def crop(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Trim ``n`` pixels from every side: (B, D, H, W) -> (B, D, H-2n, W-2n)."""
+    """Trim ``n`` pixels from every side: (B, D, rows, cols) -> (B, D, rows-2n, cols-2n)."""
     return x[..., n : x.shape[-2] - n, n : x.shape[-1] - n] if n > 0 else x
 
 
 class ResBlock(nn.Module):
-    """Unpadded residual block: (B, D, H, W) -> (B, D, H-2, W-2); the skip path is cropped."""
+    """Unpadded residual block: (B, D, rows, cols) -> (B, D, rows-2, cols-2); the skip path is cropped."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -90,11 +93,12 @@ class CNNBranch(nn.Module):
         self.out_norm = ChannelNorm(cfg.width)
 
     def _maps(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W), (B, F_low, H, W) -> (B, D, H-P+S, W-P+S): everything before the pooling."""
-        x = F.silu(self.stem_norm(self.stem(x)))                  # (B, D, H-2, W-2)
-        g = crop(self.low_proj(low), 1)                           # (B, D_low, H-2, W-2)
-        x = self.fuse(torch.cat([x, g], dim=1))                   # (B, D, H-2, W-2)
-        return self.out_norm(self.blocks(x))                      # (B, D, H-P+S, W-P+S)
+        """(B, C, rows, cols), (B, F_low, rows, cols) -> (B, D, rows-P+V, cols-P+V): everything
+        before the pooling."""
+        x = F.silu(self.stem_norm(self.stem(x)))                  # (B, D, rows-2, cols-2)
+        g = crop(self.low_proj(low), 1)                           # (B, D_low, rows-2, cols-2)
+        x = self.fuse(torch.cat([x, g], dim=1))                   # (B, D, rows-2, cols-2)
+        return self.out_norm(self.blocks(x))                      # (B, D, rows-P+V, cols-P+V)
 
     def forward(self, patch: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         P = self.patch_size
@@ -103,9 +107,11 @@ class CNNBranch(nn.Module):
         return self._maps(patch, low).mean(dim=(-2, -1))          # (B, D) window pooling
 
     def dense(self, tile: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """z_cnn of every P x P window of a tile at once: (B, C, H, W), (B, F_low, H, W)
-        -> (B, D, H-P+1, W-P+1); entry [..., i, j] equals forward() on the patch whose top-left
-        corner is (i, j), i.e. centred on tile pixel (i + P//2, j + P//2)."""
+        """z_cnn of every P x P window at once: (B, C, T+2r, T+2r), (B, F_low, T+2r, T+2r)
+        -> (B, D, T, T), z of every pixel of the T x T tile (any input of at least P x P works,
+        non-square too: (B, C, rows, cols) -> (B, D, rows-P+1, cols-P+1)). Entry [..., i, j]
+        equals forward() on the patch whose top-left corner is (i, j), i.e. centred on input
+        pixel (i + r, j + r). The code's names and messages call the input's sides H, W."""
         P = self.patch_size
         check_shape("tile", tile, (None, self.in_channels, None, None), "(B, C, H, W)")
         H, W = tile.shape[-2:]

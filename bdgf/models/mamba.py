@@ -1,22 +1,23 @@
 """Mamba branch, guided by the **mid** diffusion features through grouped channel attention.
 
-Tensor-shape glossary (after johnma2006/mamba-minimal)
+Glossary (letters as in docs/glossary.md; shapes after johnma2006/mamba-minimal)
     B       batch (labelled pixels)
-    C       modality bands, all modalities concatenated
-    P       patch side (odd); L = P * P tokens, one per pixel
+    C       input bands, all modalities concatenated
+    P       patch side (odd)
+    L       tokens in the sequence, L = P * P, one per pixel
     F_mid   channels of the mid diffusion features
     D       model width (``MambaConfig.d_model``)
-    E       expanded inner width, E = expand * D
-    N       SSM state size (``d_state``)
+    E       expanded inner width, E = expand * D (``d_inner``)
+    N_s     SSM state size (``d_state``)
     R       rank of the delta projection (``dt_rank``)
-    K       depthwise causal conv1d kernel (``d_conv``)
+    k       kernel side of the depthwise causal conv1d (``d_conv``)
     G       channel groups gated by the mid features (``groups``); D % G == 0
     Ly      number of layers (``n_layers``)
 
 Scan order (``centre_out_order``): pixels are sorted by squared Euclidean distance to the centre
 pixel, ties broken by angle atan2(-(row - c), col - c) in [0, 2*pi) (counter-clockwise from "east",
 image rows pointing down), then by flat index. So token 0 is the centre pixel, then its 4-neighbours
-(E, N, W, S), then the diagonal ones, ... out to the patch corners. Each layer is bidirectional:
+(east, north, west, south), then the diagonal ones, ... out to the patch corners. Each layer is bidirectional:
 one MambaBlock scans centre-out, a second (own weights) scans the reversed sequence (outside-in,
 ending at the centre), and their outputs are averaged. z_mamba = LayerNorm(centre token + mean of
 all tokens): the centre token has seen every pixel through the outside-in scan; the mean adds the
@@ -44,9 +45,9 @@ from kernels.dispatch import selective_scan
 class MambaConfig:
     d_model: int = 64          # D
     n_layers: int = 2          # Ly (each layer: one forward + one reversed MambaBlock)
-    d_state: int = 16          # N
+    d_state: int = 16          # N_s
     expand: int = 2            # E = expand * D
-    d_conv: int = 4            # K
+    d_conv: int = 4            # k
     dt_rank: int | None = None  # R; None -> ceil(D / 16)
     groups: int = 8            # G
     gate_hidden: int = 64      # hidden width of the mid-feature gate MLP
@@ -73,9 +74,10 @@ def centre_out_order(patch_size: int) -> torch.Tensor:
 class MambaMixer(nn.Module):
     """The selective-SSM mixer of one Mamba block: (B, L, D) -> (B, L, D).
 
-    in_proj -> (x, res) each (B, L, E); x -> depthwise causal conv1d -> SiLU; x -> (delta, B, C)
-    input-dependent; y = selective_scan(x, softplus(delta), -exp(A_log), B, C, D); y * SiLU(res);
-    out_proj.
+    in_proj -> (x, res) each (B, L, E); x -> depthwise causal conv1d -> SiLU; x -> delta (B, L, E)
+    and Bm, Cm (B, L, N_s), input-dependent (Mamba's B and C matrices, named Bm, Cm here so they
+    do not read as the batch and band letters); y = selective_scan(x, softplus(delta),
+    -exp(A_log), Bm, Cm, self.D); y * SiLU(res); out_proj.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -92,7 +94,7 @@ class MambaMixer(nn.Module):
         dt = torch.exp(torch.rand(E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N_s)
         self.D = nn.Parameter(torch.ones(E))                                                                   # (E,)
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
@@ -104,7 +106,7 @@ class MambaMixer(nn.Module):
         x = F.silu(x)
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))                                  # (B, L, E)
-        A = -torch.exp(self.A_log.float())                                    # (E, N)
+        A = -torch.exp(self.A_log.float())                                    # (E, N_s)
         # The scan runs in float32 whatever the autocast / parameter dtype (decays exp(delta*A)).
         f32 = torch.float32
         y = selective_scan(x.to(f32), delta.to(f32), A, Bm.to(f32), Cm.to(f32), self.D.to(f32))
@@ -160,7 +162,7 @@ class MambaBranch(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Ch, P, P) -> (B, L, Ch) in centre-out scan order."""
+        """(B, channels, P, P) -> (B, L, channels) in centre-out scan order."""
         return x.flatten(2).transpose(1, 2)[:, self.order]
 
     def gates(self, mid: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """Transformer branch, guided by the **high** (coarse, semantic) diffusion features by cross-attention.
 
-Tensor-shape glossary
+Glossary (letters as in docs/glossary.md)
     B       batch (labelled pixels)
-    C       modality bands, all modalities concatenated
-    P       patch side (odd); L = P * P pixel tokens (row-major)
-    T       branch tokens: T = 1 + L (class token first)
+    C       input bands, all modalities concatenated
+    P       patch side (odd)
+    L       pixel tokens, L = P * P (row-major); the branch's sequence is L + 1 tokens (class
+            token first)
     F_high  channels of the high diffusion features
-    D       width (``TransformerConfig.dim``)
-    H, Dh   attention heads and head width, D = H * Dh
+    D       model width (``TransformerConfig.dim``)
+    Hh      attention heads (``heads``)
+    Dh      head width, D = Hh * Dh
+    Nq, Nk  query and key/value tokens of one attention
 
-    patch (B, C, P, P) -> pixel tokens (B, L, D) + learned position -> [cls; tokens] (B, T, D)
+    patch (B, C, P, P) -> pixel tokens (B, L, D) + learned position -> [cls; tokens] (B, L+1, D)
     high (B, F_high, P, P) -> high tokens (B, L, D) + learned position (keys/values)
-    depth x [ self-attention(T <- T); cross-attention(T <- high tokens); MLP ]  (pre-norm residual)
+    depth x [ self-attention(L+1 <- L+1); cross-attention(L+1 <- L high tokens); MLP ]
+    (pre-norm residual)
     z_tr = LayerNorm(class token) (B, D)
 
 Both attentions go through ``kernels.dispatch.cross_attention`` (self-attention with k, v taken from
@@ -33,12 +37,12 @@ from kernels.dispatch import cross_attention
 class TransformerConfig:
     dim: int = 64          # D
     depth: int = 2         # self-attention + cross-attention pairs
-    heads: int = 4         # H
+    heads: int = 4         # Hh
     mlp_ratio: int = 2
 
 
 class Attention(nn.Module):
-    """Multi-head attention: x (B, Tq, D), ctx (B, Tk, D) -> (B, Tq, D); queries from x, keys/values from ctx."""
+    """Multi-head attention: x (B, Nq, D), ctx (B, Nk, D) -> (B, Nq, D); queries from x, keys/values from ctx."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -49,18 +53,21 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def _split(self, t: torch.Tensor) -> torch.Tensor:        # (B, T, D) -> (B, H, T, Dh)
+    def _split(self, t: torch.Tensor) -> torch.Tensor:        # (B, Nq|Nk, D) -> (B, Hh, Nq|Nk, Dh)
+        # (the local T below is that token count, Nq or Nk; not the tile side)
         B, T, D = t.shape
         return t.view(B, T, self.heads, D // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(ctx).chunk(2, dim=-1)
-        o = cross_attention(self._split(self.q(x)), self._split(k), self._split(v))  # (B, H, Tq, Dh)
-        return self.out(o.transpose(1, 2).flatten(2))                                # (B, Tq, D)
+        o = cross_attention(self._split(self.q(x)), self._split(k), self._split(v))  # (B, Hh, Nq, Dh)
+        return self.out(o.transpose(1, 2).flatten(2))                                # (B, Nq, D)
 
 
 class Block(nn.Module):
-    """Self-attention, cross-attention to the high-feature tokens, MLP. x (B, T, D), h (B, L, D) -> (B, T, D)."""
+    """Self-attention, cross-attention to the high-feature tokens, MLP.
+
+    x (B, L+1, D), h (B, L, D) -> (B, L+1, D); ``h`` is the high-feature tokens (not the halo)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -101,7 +108,7 @@ class TransformerBranch(nn.Module):
         check_shape("patch", patch, (None, self.in_channels, P, P), "(B, C, P, P)")
         check_shape("high", high, (patch.shape[0], self.high_channels, P, P), "(B, F_high, P, P)")
         x = self.embed(patch.flatten(2).transpose(1, 2)) + self.pos           # (B, L, D)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)       # (B, T, D)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)       # (B, L+1, D)
         h = self.high_proj(high.flatten(2).transpose(1, 2)) + self.high_pos   # (B, L, D)
         for block in self.blocks:
             x = block(x, h)
