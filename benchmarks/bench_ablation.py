@@ -140,10 +140,10 @@ def prepare_group(work: Path, group: str, base, quick: bool, log) -> dict:
     cfg = group_config(base, group, quick)
     log(f"[{group}] pretrain {cfg.pretrain.steps} steps, loss={cfg.pretrain.loss_kind}, "
         f"masking={cfg.pretrain.masking}")
-    summary = pretrain(store, run, cfg, overwrite=True, progress=False)
+    summary = pretrain(store, run, cfg, overwrite=True, progress=False).to_dict()
     log(f"[{group}] pretrain done in {summary['wall_s']:.0f} s ({summary['tiles_per_s']:.1f} tiles/s); "
         f"loss/mod={_fmt(summary['loss_per_modality'])} p_mask={_fmt(summary['p_mask'])}")
-    feats = compute_features(store, run, progress=False)
+    feats = compute_features(store, run, progress=False).to_dict()
     log(f"[{group}] features {feats['state']} in {feats['wall_s']:.0f} s")
     trajectory = [
         {k: v for k, v in row.items() if k == "step" or k.startswith(("loss/", "p_mask/", "loss"))}
@@ -165,16 +165,16 @@ def score(store: str, run_dir: str, seed: int, subset: int) -> dict:
     from bdgf.data.patches import PatchDataset
     from bdgf.data.scene import Scene
     from bdgf.diffusion.features import LEVELS
-    from bdgf.engine.classify import evaluate, load_classifier, predict, seed_dir
+    from bdgf.engine.classify import evaluate, predict
     from bdgf.metrics import classification_report
     from bdgf.run import Run
 
     if not subset:
-        return evaluate(store, run_dir, split="test", seeds=[seed], write_map=False)["per_seed"][str(seed)]
+        return evaluate(store, run_dir, split="test", seeds=[seed], write_map=False).per_seed[str(seed)]
     cfg = Run(run_dir).config().train
     ds = PatchDataset(store, "test", patch_size=cfg.patch_size, features=LEVELS)
     idx = np.sort(np.random.default_rng(TEST_SUBSET_SEED).choice(len(ds), min(subset, len(ds)), replace=False))
-    model = load_classifier(seed_dir(Run(run_dir), seed) / "classifier.pt")
+    model = Run(run_dir).load_classifier(seed)
     with torch.no_grad():
         y, p, per_branch, _ = predict(model, DataLoader(Subset(ds, idx.tolist()), batch_size=256))
     names = Scene.open(store).class_names
@@ -196,7 +196,7 @@ def run_variant_seed(work: Path, variant: str, seed: int, group_info: dict, log,
     # Variants that share a group share its run dir: train() writes train/seed{s}/, so train and
     # evaluate one (variant, seed) at a time, and keep only the metrics.
     r = train(group_info["store"], group_info["run"], seed=seed, overrides={"train.branches": branches},
-              progress=False)
+              progress=False).to_dict()
     rep = score(group_info["store"], group_info["run"], seed, subset)
     out = {"variant": variant, "seed": seed, "branches": branches, "val_oa": r["val_oa"], "epoch": r["epoch"],
            "oa": rep["oa"], "aa": rep["aa"], "kappa": rep["kappa"],

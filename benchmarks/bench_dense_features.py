@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                              tile_size=Wp, halo=0, reduce=fc.timestep_reduce)
 
     # --- dense: every tile of the scene ---------------------------------------------------
-    origins = [(r, c) for r in range(0, H, T) for c in range(0, W, T)]
-    windows = torch.from_numpy(np.stack([scene.read_window(r - h, c - h, S, S, concat=True) for r, c in origins]))
-    win_origins = [(r - h, c - h) for r, c in origins]
+    from bdgf.tiler import read_windows
+
+    grid = dense_spec.grid(H, W)
+    origins = grid.origins()
+    windows = torch.from_numpy(read_windows(scene, grid, origins))
+    win_origins = [grid.window(o)[:2] for o in origins]
     with FlopCounterMode(display=False) as counter:
         tile_features(model, schedule, windows[:1], win_origins[:1], dense_spec)
     dense_flops_tile = counter.get_total_flops()  # one tile, all timesteps

@@ -54,8 +54,8 @@ def main() -> None:
 
     from bdgf.data.scene import write_scene
     from bdgf.data.synthetic import make_scene
+    from bdgf.distributed.faults import FAULT_ENV
     from bdgf.engine.pretrain import pretrain
-    from training.launch import FAULT_ENV, distributed_pretrain
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     store = tmp / "scene.zarr"
@@ -72,15 +72,15 @@ def main() -> None:
     out["ray_init_s"] = time.perf_counter() - t0
     for n in (1, 2):
         t0 = time.perf_counter()
-        s = distributed_pretrain(store, tmp / f"ray{n}", cfg, workers=n)
+        s = pretrain(store, tmp / f"ray{n}", cfg, workers=n, progress=False)
         out[f"ray{n}"] = {"wall_s": time.perf_counter() - t0, "tiles_per_s": steady(tmp / f"ray{n}"),
-                          "engine": s["engine"]}
+                          "engine": s.engine}
 
     # Killed worker: checkpoint every 10 steps, rank 1 dies before step 25 (first attempt only).
     kill_at, every = 25, 10
     os.environ[FAULT_ENV] = f"{kill_at}:{tmp / 'killed'}:1"
     t0 = time.perf_counter()
-    distributed_pretrain(store, tmp / "kill", config(a.steps, every), workers=2, max_failures=2)
+    pretrain(store, tmp / "kill", config(a.steps, every), workers=2, max_failures=2, progress=False)
     wall = time.perf_counter() - t0
     del os.environ[FAULT_ENV]
     killed_at = (tmp / "killed").stat().st_mtime
@@ -104,38 +104,37 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
-def _peak_rss(store: Path, tmp: Path, cfg: RunConfig) -> list[float]:
-    """Run 2 workers through the same worker function and read ru_maxrss at the end of each."""
+def _body_with_rss(job: dict, ctx) -> None:
+    """The library's pretraining body, then this worker's peak RSS into a file."""
     import resource
 
-    import ray.train
-    from ray.train import ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
+    from bdgf.engine.pretrain import pretrain_body
 
-    from training.launch import _ds_config, pretrain_signature
-    from training.workers import open_stores, pretrain_worker
+    pretrain_body(job, ctx)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
+    (Path(job["rss_dir"]) / f"rank{ctx.rank}").write_text(str(rss))
+
+
+def _peak_rss(store: Path, tmp: Path, cfg: RunConfig) -> list[float]:
+    """Run 2 workers through the same stage body and read ru_maxrss at the end of each."""
+    from bdgf.data.stores import open_stores
+    from bdgf.distributed.launch import prepare_launch
+    from bdgf.engine.pretrain import pretrain_signature
+    from bdgf.run import Run
 
     scene = open_stores([store])[0]
     names = scene.modality_names
     bands = [scene.bands[n] for n in names]
-    kind, ds = _ds_config("pretrain", cfg.pretrain.batch_size, 2, cfg.pretrain.grad_clip, None)
-    loop = {"stores": [str(store)], "run_dir": str(tmp / "rss"), "run_config": cfg.to_dict(), "ds_config": ds,
-            "engine": kind, "signature": pretrain_signature(cfg.pretrain, names, bands), "init_from": None,
-            "fault": None}
-
+    run = Run(tmp / "rss").create(scene, cfg)
+    signature = pretrain_signature(cfg.pretrain, names, bands)
+    launch = prepare_launch("pretrain", run, name="rss", workers=2, address=None,
+                            micro_batch=cfg.pretrain.batch_size, grad_clip=cfg.pretrain.grad_clip, ds_config=None,
+                            storage=None, max_failures=0, signature=signature)
     rss_dir = tmp / "rss_out"
     rss_dir.mkdir()
-
-    def worker_file(c):
-        pretrain_worker(c)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
-        rank = ray.train.get_context().get_world_rank()
-        (Path(c["rss_dir"]) / f"rank{rank}").write_text(str(rss))
-
-    loop["rss_dir"] = str(rss_dir)
-    TorchTrainer(worker_file, train_loop_config=loop, scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RayRunConfig(name="rss", storage_path=str(tmp / "rss" / "ray"))).fit()
+    job = {"stores": [str(store)], "run_config": cfg.to_dict(), "signature": signature, "init_from": None,
+           "micro_batch": launch.micro_batch, "progress": False, "rss_dir": str(rss_dir)}
+    launch.fit(_body_with_rss, job, out_dir=run.stage_dir("pretrain"))
     return [float((rss_dir / f"rank{r}").read_text()) for r in range(2)]
 
 

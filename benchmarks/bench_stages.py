@@ -69,18 +69,18 @@ def child(stage: str, work: Path, pretrain_steps: int, epochs: int, threads: int
     t0 = time.perf_counter()
     out: dict = {"stage": stage, "threads": torch.get_num_threads()}
     if stage == "pretrain":
-        s = pretrain(store, run, cfg, overwrite=True, progress=False)
+        s = pretrain(store, run, cfg, overwrite=True, progress=False).to_dict()
         out.update(rate=s["tiles_per_s"], unit="tiles/s",
                    detail=f"{pretrain_steps} steps × batch {cfg.pretrain.batch_size} of "
                           f"{cfg.pretrain.tile_size}×{cfg.pretrain.tile_size} tiles")
     elif stage == "features":
-        s = compute_features(store, run, progress=False)
+        s = compute_features(store, run, progress=False).to_dict()
         h, w = scene.shape
         out.update(rate=s["pixels_per_s"], unit="pixels/s",
                    detail=f"{h}×{w} px, tiles {cfg.features.tile_size} + halo {cfg.features.halo}, "
                           f"timesteps {cfg.features.timesteps}, state {s['state']}")
     elif stage == "train":
-        s = train(store, run, seed=0, progress=False)
+        s = train(store, run, seed=0, progress=False).to_dict()
         log = read_jsonl(run / "train" / "seed0" / "log.jsonl")
         rates = [r["patches_per_s"] for r in log if "patches_per_s" in r]
         n_train = int((scene.labels("train") > 0).sum())
