@@ -2,7 +2,7 @@
 
     pipe = Pipeline.from_run("runs/a", seed=0)
     grid = pipe.grid(H, W)                                   # the tiles the features were cut with
-    x = pipe.normalise({"hsi": hsi, "lidar": lidar})         # raw (C_m, h, w) -> model input (C, h, w)
+    x = pipe.normalise({"hsi": hsi, "lidar": lidar})         # raw (C_m, H, W) -> model input (C, H, W)
     probs = pipe.classify_windows(windows, window_origins)   # (B, C, S, S) -> (B, K, T, T)
 
 ``from_run`` rebuilds everything from the run directory alone (denoiser, schedule, feature
@@ -11,7 +11,7 @@ inference graph (:class:`bdgf.inference.TileClassifier`) that export, serving an
 classification run. Tiles are cut by :mod:`bdgf.tiler`; the noise is the position-keyed noise
 of feature extraction, so a window at the same place sees the same noise as the cached features.
 
-Glossary (letters as in docs/glossary.md): B windows, C bands, C_m bands of modality m,
+Glossary (letters as in docs/glossary.md): B windows in a batch, C bands, C_m bands of modality m,
 T tile side, h halo, S = T + 2h, K classes.
 """
 

@@ -4,7 +4,7 @@ spectra, an elevation model and (optionally) SAR backscatter, all on one 1 m gri
 >>> scene = make_scene("demo", seed=0)          # SceneData, ready for write_scene
 >>> truth = make_class_map("demo", seed=0)      # (H, W) full class map 1..K (every pixel)
 
-Glossary: H×W grid, B HSI bands, K classes, M materials, J within-class modes.
+Glossary (letters as in docs/glossary.md): H×W grid, C_m HSI bands, K classes, J within-class modes.
 
 How a scene is made (every step draws from its own seeded numpy Generator stream, so the same
 (preset, seed) gives bit-identical arrays, and another seed another scene):
