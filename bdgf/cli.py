@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -152,9 +152,13 @@ def _seeds(seeds: Optional[str]) -> list[int] | None:
         raise BDGFError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
 
 
-_WORKERS = "Ray Train workers (0: a plain single process here)."
-_ADDRESS = "Ray cluster address (default with --workers: RAY_ADDRESS, else a local Ray)."
-_STORAGE = "Ray Train storage for checkpoints (default RUN/ray; a shared path or bucket on a multi-node cluster)."
+# Options shared by the stages that can run on Ray Train (one definition each).
+Workers = Annotated[int, typer.Option(help="Ray Train workers (0: a plain single process here).")]
+Address = Annotated[Optional[str], typer.Option(help="Ray cluster address (default with --workers: RAY_ADDRESS, else a local Ray).")]
+Storage = Annotated[Optional[str], typer.Option(
+    help="Ray Train storage for checkpoints (default RUN/ray; a shared path or bucket on a multi-node cluster).")]
+MaxFailures = Annotated[Optional[int], typer.Option(help="Worker restarts Ray Train may make (default 3).")]
+DeepSpeedConfig = Annotated[Optional[str], typer.Option(help="DeepSpeed JSON template (default: the bundled one).")]
 
 
 @app.command()
@@ -165,11 +169,11 @@ def pretrain(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: pretrain.steps=200 (repeatable)."),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
     overwrite: bool = typer.Option(False, help="Start over in an existing run directory (removes its old stages)."),
-    workers: int = typer.Option(0, help=_WORKERS),
-    address: Optional[str] = typer.Option(None, help=_ADDRESS),
-    storage: Optional[str] = typer.Option(None, help=_STORAGE),
-    max_failures: Optional[int] = typer.Option(None, help="Worker restarts Ray Train may make (default 3)."),
-    deepspeed_config: Optional[str] = typer.Option(None, help="DeepSpeed JSON template (default: the bundled one)."),
+    workers: Workers = 0,
+    address: Address = None,
+    storage: Storage = None,
+    max_failures: MaxFailures = None,
+    deepspeed_config: DeepSpeedConfig = None,
 ) -> None:
     """Stage 1: pretrain the balanced multimodal denoiser with adaptive modality masking."""
     try:
@@ -188,7 +192,7 @@ def features(
     store: Path = typer.Argument(..., help="Scene store (features are cached into it)."),
     run: Path = typer.Option(..., "--run", help="Run directory with a pretrained denoiser."),
     workers: int = typer.Option(0, help="Ray tasks over disjoint tiles (0: a plain single process here)."),
-    address: Optional[str] = typer.Option(None, help=_ADDRESS),
+    address: Address = None,
 ) -> None:
     """Compute dense diffusion features (low/mid/high) and cache them in the store."""
     try:
@@ -206,11 +210,11 @@ def train(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2 (default: the config's)."),
     branches: Optional[str] = typer.Option(None, help="Subset of cnn,mamba,transformer (ablations)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: train.epochs=10."),
-    workers: int = typer.Option(0, help=_WORKERS),
-    address: Optional[str] = typer.Option(None, help=_ADDRESS),
-    storage: Optional[str] = typer.Option(None, help=_STORAGE),
-    max_failures: Optional[int] = typer.Option(None, help="Worker restarts Ray Train may make (default 3)."),
-    deepspeed_config: Optional[str] = typer.Option(None, help="DeepSpeed JSON template (default: the bundled one)."),
+    workers: Workers = 0,
+    address: Address = None,
+    storage: Storage = None,
+    max_failures: MaxFailures = None,
+    deepspeed_config: DeepSpeedConfig = None,
 ) -> None:
     """Stage 2: train the diffusion-guided multi-branch classifier (model selection on val)."""
     try:

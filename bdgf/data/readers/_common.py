@@ -89,3 +89,16 @@ def files(**paths) -> dict[str, str]:
 
 def count(lab: np.ndarray) -> int:
     return int(np.count_nonzero(lab))
+
+
+def official_split_source(dataset: str, labels: dict[str, np.ndarray], val_fraction: float, seed: int,
+                          **paths) -> dict:
+    """Provenance of a dataset read with its official train/test rasters."""
+    return {
+        "dataset": dataset,
+        "official_train": count(labels["train"]),
+        "official_test": count(labels["test"]),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "files": files(**paths),
+    }

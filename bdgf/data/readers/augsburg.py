@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bdgf.data.readers._common import as_labels, check_bands, check_grid, check_modality_grids, count, files, hwc_to_chw, with_val
+from bdgf.data.readers._common import as_labels, check_bands, check_grid, check_modality_grids, official_split_source, hwc_to_chw, with_val
 from bdgf.data.readers.mat import check_file, load_mat_array
 from bdgf.data.scene import ModalityData, SceneData
 
@@ -42,14 +42,7 @@ def read_augsburg(
         lab = as_labels(load_mat_array(path, KEYS[split]), path, len(CLASS_NAMES))
         check_grid(lab, grid, path, hsi)
         labels[split] = lab
-    source = {
-        "dataset": "augsburg",
-        "official_train": count(labels["train"]),
-        "official_test": count(labels["test"]),
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "files": files(hsi=hsi, sar=sar, dsm=dsm, train=train, test=test),
-    }
+    source = official_split_source("augsburg", labels, val_fraction, seed, hsi=hsi, sar=sar, dsm=dsm, train=train, test=test)
     return SceneData(
         name="augsburg", modalities=mods, labels=with_val(labels, val_fraction, seed),
         class_names=list(CLASS_NAMES), source=source,

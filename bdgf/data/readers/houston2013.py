@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bdgf.data.readers._common import as_labels, check_bands, check_grid, check_modality_grids, count, files, with_val
+from bdgf.data.readers._common import as_labels, check_bands, check_grid, check_modality_grids, official_split_source, with_val
 from bdgf.data.readers.mat import check_file
 from bdgf.data.readers.raster import raster_wavelengths, read_label_raster, read_raster
 from bdgf.data.scene import ModalityData, SceneData
@@ -52,14 +52,7 @@ def read_houston2013(
         lab = as_labels(read_label_raster(path)[0], path, len(CLASS_NAMES))
         check_grid(lab, grid, path, hsi)
         labels[split] = lab
-    source = {
-        "dataset": "houston2013",
-        "official_train": count(labels["train"]),
-        "official_test": count(labels["test"]),
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "files": files(hsi=hsi, lidar=lidar, train=train, test=test),
-    }
+    source = official_split_source("houston2013", labels, val_fraction, seed, hsi=hsi, lidar=lidar, train=train, test=test)
     return SceneData(
         name="houston2013", modalities=mods, labels=with_val(labels, val_fraction, seed),
         class_names=list(CLASS_NAMES), crs=crs, transform=transform, source=source,
