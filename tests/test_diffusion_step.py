@@ -18,13 +18,7 @@ CHANNEL_MODALITY = torch.tensor([0] * C_HSI + [1] * C_LIDAR)
 NAMES = ["hsi", "lidar"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: 2 OpenMP threads under load run ~10x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: 1 thread beats 2 on a loaded 2-core box
 
 
 def make_model(seed=0):

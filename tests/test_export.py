@@ -4,44 +4,24 @@ import numpy as np
 import pytest
 import torch
 
-from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
+from bdgf.models import BDGFClassifier
 from bdgf.models.classifier import PredictWrapper
-
-C, FL, FM, FH, K = 4, 6, 5, 7, 3
-
-
-def tiny_config(patch_size=7, branches=BRANCHES, num_classes=K):
-    return ClassifierConfig.tiny(C, {"low": FL, "mid": FM, "high": FH}, num_classes, patch_size, branches)
-
-
-def tiny_inputs(batch=4, patch_size=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, c, patch_size, patch_size, generator=g) for c in (C, FL, FM, FH))
-
-
+from helpers import classifier_config, classifier_inputs
 
 P = 5  # smallest patch the tiny CNN branch takes: keeps the traced scan short
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core runner this is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # also while the module-scoped trace below is built
 
 
 @pytest.fixture(scope="module")
 def wrapper():
     torch.manual_seed(0)
-    return PredictWrapper(BDGFClassifier(tiny_config(patch_size=P))).eval()
+    return PredictWrapper(BDGFClassifier(classifier_config(patch_size=P))).eval()
 
 
 @pytest.fixture(scope="module")
 def exported(wrapper):
     """One torch.export trace (dynamic batch), shared by both tests."""
-    return torch.export.export(wrapper, tiny_inputs(batch=2, patch_size=P), dynamic_shapes=_dynamic_batch())
+    return torch.export.export(wrapper, classifier_inputs(batch=2, patch_size=P), dynamic_shapes=_dynamic_batch())
 
 
 def _dynamic_batch():
@@ -51,7 +31,7 @@ def _dynamic_batch():
 
 def test_torch_export_predict(wrapper, exported):
     ep = exported
-    x = tiny_inputs(batch=5, patch_size=P, seed=1)
+    x = classifier_inputs(batch=5, patch_size=P, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(*x), wrapper(*x), rtol=1e-5, atol=1e-5)
 
@@ -64,7 +44,7 @@ def test_onnx_export_matches_eager(wrapper, exported, tmp_path):
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     for batch in (1, 6):
-        x = tiny_inputs(batch=batch, patch_size=P, seed=batch)
+        x = classifier_inputs(batch=batch, patch_size=P, seed=batch)
         feed = {name: t.numpy() for name, t in zip(("patch", "low", "mid", "high"), x)}
         (got,) = sess.run(None, feed)
         with torch.no_grad():

@@ -8,17 +8,7 @@ import torch
 from bdgf.errors import InputError
 from bdgf.losses import MutualLearningLoss
 from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
-
-C, FL, FM, FH, K = 4, 6, 5, 7, 3
-
-
-def tiny_config(patch_size=7, branches=BRANCHES, num_classes=K):
-    return ClassifierConfig.tiny(C, {"low": FL, "mid": FM, "high": FH}, num_classes, patch_size, branches)
-
-
-def tiny_inputs(batch=4, patch_size=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, c, patch_size, patch_size, generator=g) for c in (C, FL, FM, FH))
+from helpers import C, FH, FL, FM, K, classifier_config, classifier_inputs
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(BRANCHES, r)]
 
@@ -26,8 +16,8 @@ SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(BRANCHES, r)]
 @pytest.mark.parametrize("branches", SUBSETS, ids=lambda s: "+".join(s))
 def test_shapes_every_subset(branches):
     torch.manual_seed(0)
-    model = BDGFClassifier(tiny_config(branches=branches)).eval()
-    x = tiny_inputs(batch=3)
+    model = BDGFClassifier(classifier_config(branches=branches)).eval()
+    x = classifier_inputs(batch=3)
     with torch.no_grad():
         out = model(*x)
         assert set(out["logits"]) == set(out["z"]) == set(branches)
@@ -42,18 +32,18 @@ def test_shapes_every_subset(branches):
 
 
 def test_unused_features_may_be_none():
-    model = BDGFClassifier(tiny_config(branches=("cnn",))).eval()
-    patch, low, _, _ = tiny_inputs()
+    model = BDGFClassifier(classifier_config(branches=("cnn",))).eval()
+    patch, low, _, _ = classifier_inputs()
     assert model(patch, low)["probs"].shape == (4, K)
     with pytest.raises(InputError):
-        BDGFClassifier(tiny_config(branches=("mamba",)))(patch, low)
+        BDGFClassifier(classifier_config(branches=("mamba",)))(patch, low)
 
 
 def test_gradients_reach_every_branch():
     torch.manual_seed(0)
-    model = BDGFClassifier(tiny_config())
+    model = BDGFClassifier(classifier_config())
     crit = MutualLearningLoss(model.z_dims)
-    out = model(*tiny_inputs())
+    out = model(*classifier_inputs())
     loss, _ = crit(out["logits"], out["z"], torch.tensor([0, 1, 2, 0]))
     loss.backward()
     for name, p in model.named_parameters():
@@ -62,8 +52,8 @@ def test_gradients_reach_every_branch():
 
 def test_centre_pixel_changes_every_branch():
     torch.manual_seed(0)
-    model = BDGFClassifier(tiny_config()).eval()
-    patch, low, mid, high = tiny_inputs()
+    model = BDGFClassifier(classifier_config()).eval()
+    patch, low, mid, high = classifier_inputs()
     p2 = patch.clone()
     p2[:, :, 3, 3] += 1.0                                     # centre pixel only (P = 7)
     with torch.no_grad():
@@ -75,8 +65,8 @@ def test_centre_pixel_changes_every_branch():
 @pytest.mark.parametrize("level,branch", [(1, "cnn"), (2, "mamba"), (3, "transformer")])
 def test_features_guide_their_branch_only(level, branch):
     torch.manual_seed(0)
-    model = BDGFClassifier(tiny_config()).eval()
-    x = list(tiny_inputs())
+    model = BDGFClassifier(classifier_config()).eval()
+    x = list(classifier_inputs())
     y = list(x)
     y[level] = x[level] + torch.randn_like(x[level])
     with torch.no_grad():
@@ -87,8 +77,8 @@ def test_features_guide_their_branch_only(level, branch):
 
 
 def test_bad_shapes_and_configs_raise():
-    model = BDGFClassifier(tiny_config())
-    patch, low, mid, high = tiny_inputs()
+    model = BDGFClassifier(classifier_config())
+    patch, low, mid, high = classifier_inputs()
     bad = [
         (patch[:, :2], low, mid, high),                        # wrong band count
         (patch[..., :5, :5], low, mid, high),                  # wrong patch size
@@ -106,11 +96,11 @@ def test_bad_shapes_and_configs_raise():
     with pytest.raises(InputError):
         ClassifierConfig(in_channels=C, feature_channels={"low": FL}, num_classes=K)   # mid/high missing
     with pytest.raises(InputError):
-        BDGFClassifier(tiny_config(patch_size=3))             # too small for the unpadded CNN
+        BDGFClassifier(classifier_config(patch_size=3))             # too small for the unpadded CNN
 
 
 def test_config_roundtrip():
-    cfg = tiny_config(branches=("mamba", "cnn"))
+    cfg = classifier_config(branches=("mamba", "cnn"))
     assert ClassifierConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(InputError, match="widht"):
         ClassifierConfig.from_dict({**cfg.to_dict(), "cnn": {"widht": 8}})
@@ -121,7 +111,7 @@ def test_config_roundtrip():
 def test_cnn_branch_dense_equals_patchwise():
     """DESIGN 1.4: unpadded convolutions + window pooling make the CNN branch exactly dense."""
     torch.manual_seed(0)
-    cnn = BDGFClassifier(tiny_config(patch_size=5, branches=("cnn",))).branches["cnn"].eval()
+    cnn = BDGFClassifier(classifier_config(patch_size=5, branches=("cnn",))).branches["cnn"].eval()
     tile, low = torch.randn(2, C, 8, 9), torch.randn(2, FL, 8, 9)
     with torch.no_grad():
         dense = cnn.dense(tile, low)                            # (2, D, 4, 5)

@@ -2,18 +2,11 @@
 
 The class is set by the mean of band 0 over the central 3x3 region (three levels); everything else,
 including the diffusion features, is noise."""
-import pytest
 import torch
 
 from bdgf.losses import MutualLearningConfig, MutualLearningLoss
-from bdgf.models import BRANCHES, BDGFClassifier, ClassifierConfig
-
-C, FL, FM, FH, K = 4, 6, 5, 7, 3
-
-
-def tiny_config(patch_size=7, branches=BRANCHES, num_classes=K):
-    return ClassifierConfig.tiny(C, {"low": FL, "mid": FM, "high": FH}, num_classes, patch_size, branches)
-
+from bdgf.models import BDGFClassifier
+from helpers import C, FH, FL, FM, K, classifier_config
 
 P = 5
 
@@ -27,19 +20,10 @@ def synthetic(n, g):
     return (patch, *feats), y
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on the shared 2-core runner this is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_learns_centre_region_rule(one_thread):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    model = BDGFClassifier(tiny_config(patch_size=P, num_classes=K))
+    model = BDGFClassifier(classifier_config(patch_size=P, num_classes=K))
     crit = MutualLearningLoss(model.z_dims, MutualLearningConfig(proj_dim=8, proj_hidden=0))
     opt = torch.optim.AdamW(list(model.parameters()) + list(crit.parameters()), lr=3e-3)
     for _ in range(100):

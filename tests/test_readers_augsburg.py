@@ -10,19 +10,12 @@ from bdgf.data.readers import read_augsburg
 from bdgf.data.readers.augsburg import CLASS_NAMES
 from bdgf.data.scene import Scene, write_scene
 from bdgf.errors import InputError
-
-H, W = 332, 485
+from data.augsburg.data import H, W, make
 
 
 @pytest.fixture(scope="module")
 def augsburg(tmp_path_factory, real_data):
-    d = tmp_path_factory.mktemp("augsburg")
-    rng = np.random.default_rng(2)
-    hs = (rng.integers(0, 50, size=(H, W, 1), dtype=np.int16) + np.arange(180, dtype=np.int16)).astype(np.int16)
-    scipy.io.savemat(d / "data_HS_LR.mat", {"data_HS_LR": hs})
-    scipy.io.savemat(d / "data_SAR_HR.mat", {"data_SAR_HR": rng.normal(0, 1, (H, W, 4)).astype(np.float32)})
-    scipy.io.savemat(d / "data_DSM.mat", {"data_DSM": rng.normal(500, 5, (H, W)).astype(np.float32)})
-    return {"hsi": d / "data_HS_LR.mat", "sar": d / "data_SAR_HR.mat", "dsm": d / "data_DSM.mat",
+    return {**make(tmp_path_factory.mktemp("augsburg")),
             "train": real_data / "augsburg" / "TrainImage.mat", "test": real_data / "augsburg" / "TestImage.mat"}
 
 

@@ -6,45 +6,20 @@ import os
 
 import numpy as np
 import pytest
-import rasterio
 import scipy.io
-from affine import Affine
 
 from bdgf.data.readers import read_dataset, read_generic
 from bdgf.data.scene import Scene, write_scene
 from bdgf.errors import InputError
-
-H, W = 24, 36
-CRS = "EPSG:32632"
-TRANSFORM = Affine(1.0, 0.0, 660000.0, 0.0, -1.0, 5100000.0)
-
-
-def tif(path, data, nodata=None, crs=CRS):
-    data = np.asarray(data)
-    data = data[None] if data.ndim == 2 else data
-    geo = dict(crs=crs, transform=TRANSFORM) if crs else {}
-    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
-                       dtype=data.dtype.name, nodata=nodata, **geo) as dst:
-        dst.write(data)
-    return path
+from data.generic.data import CRS, TRANSFORM, H, W, labels, make
+from data.generic.data import write_tif as tif
 
 
 @pytest.fixture
 def files(tmp_path):
-    rng = np.random.default_rng(7)
-    hsi_hwc = rng.random((H, W, 5), dtype=np.float32)
-    np.save(tmp_path / "hsi.npy", hsi_hwc)
-    lidar = rng.normal(5, 1, (1, H, W)).astype(np.float32)
-    lidar[0, 2, 3] = -9999.0
-    tif(tmp_path / "lidar.tif", lidar, nodata=-9999.0)
-    train = np.zeros((H, W), np.uint8)
-    train[:5, :10] = 1
-    train[10:15, :10] = 2
-    test = np.zeros((H, W), np.uint8)
-    test[20:, :] = 3
-    tif(tmp_path / "train.tif", train)
-    np.save(tmp_path / "test.npy", test)
-    return {"dir": tmp_path, "hsi": hsi_hwc, "lidar": lidar, "train": train, "test": test}
+    """hsi.npy (H, W, 5), lidar.tif (nodata at (2, 3)), train.tif, test.npy in tmp_path; arrays beside."""
+    make(tmp_path)
+    return {"dir": tmp_path, "hsi": np.load(tmp_path / "hsi.npy"), "train": labels()[0]}
 
 
 def test_generic_round_trip_crs_and_layout(files, tmp_path):

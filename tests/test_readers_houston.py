@@ -7,45 +7,21 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
-from affine import Affine
 
 from bdgf.data.readers import read_dataset, read_houston2013
 from bdgf.data.readers.houston2013 import CLASS_NAMES
 from bdgf.data.scene import Scene, write_scene
 from bdgf.errors import InputError
-
-H, W = 349, 1905
-CRS = "EPSG:26915"
-TRANSFORM = Affine(2.5, 0.0, 268000.0, 0.0, -2.5, 3290000.0)
-
-
-def write_tif(path, data, *, crs=CRS, transform=TRANSFORM, nodata=None, tags=None):
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    prof = dict(driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0], dtype=data.dtype.name,
-                compress="deflate", nodata=nodata)
-    if crs is not None:
-        prof.update(crs=crs, transform=transform)
-    with rasterio.open(path, "w", **prof) as dst:
-        dst.write(data)
-        for b, t in (tags or {}).items():
-            dst.update_tags(b, **t)
-    return path
+from data.houston2013.data import CRS, TRANSFORM, H, W, make, write_tif
 
 
 @pytest.fixture(scope="module")
 def houston(tmp_path_factory, real_data):
     """Real label rasters + a 4-band int16 stand-in HSI (nodata -1 at 7 pixels) and a DSM."""
     d = tmp_path_factory.mktemp("houston")
-    rng = np.random.default_rng(0)
-    hsi = rng.integers(0, 4000, size=(4, H, W), dtype=np.int16)
-    hsi[:, 0, :7] = -1
-    dsm = rng.normal(10, 3, size=(H, W)).astype(np.float32)
     src = real_data / "houston2013"
     return {
-        "hsi": write_tif(d / "hsi.tif", hsi, nodata=-1),
-        "lidar": write_tif(d / "dsm.tif", dsm),
+        **make(d),
         "train": src / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif",
         "test": src / "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif",
         "dir": d,

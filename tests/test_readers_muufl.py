@@ -11,31 +11,19 @@ from bdgf.data.readers.mat import field
 from bdgf.data.readers.muufl import CLASS_NAMES
 from bdgf.data.scene import ModalityData, Scene, SceneData, write_scene
 from bdgf.errors import InputError
-
-H, W = 40, 30
-
-
-def muufl_struct(labels=None, bands=64):
-    rng = np.random.default_rng(4)
-    if labels is None:
-        labels = np.full((H, W), -1, np.int16)
-        labels[:, :22] = (np.arange(H * 22).reshape(H, 22) % 11) + 1  # 80 pixels per class
-    lidar = np.empty((1, 2), object)
-    lidar[0, 0] = {"x": np.zeros((H, W)), "y": np.zeros((H, W)), "z": rng.normal(20, 5, (H, W, 2)).astype(np.float32)}
-    lidar[0, 1] = {"z": np.zeros((H, W, 2), np.float32)}
-    return {"hsi": {
-        "Data": rng.random((H, W, bands), dtype=np.float32),
-        "Lidar": lidar,
-        "sceneLabels": {"labels": labels, "Materials_Type": np.array(CLASS_NAMES, dtype=object)},
-        "info": {"wavelength": np.linspace(375, 1050, bands)[:, None]},
-    }}
+from data.muufl.data import H, W, make
+from data.muufl.data import struct as muufl_struct
 
 
 @pytest.fixture
-def muufl_file(tmp_path):
-    p = tmp_path / "muufl_gulfport_campus_1_hsi_220_label.mat"
-    scipy.io.savemat(p, muufl_struct())
-    return p
+def muufl_files(tmp_path):
+    """The same seeded struct as MATLAB v5 ("v5") and v7.3 ("v73")."""
+    return make(tmp_path)
+
+
+@pytest.fixture
+def muufl_file(muufl_files):
+    return muufl_files["v5"]
 
 
 def test_muufl_sampled_split_saved_and_reproducible(muufl_file, tmp_path):
@@ -108,24 +96,10 @@ def test_muufl_demo_subimage_into_store(real_data, tmp_path):
     assert np.asarray(s.root["modalities"]["band_hsi"][...])[0] == pytest.approx(367.7, abs=0.01)
 
 
-def test_muufl_v73_struct(tmp_path):
+def test_muufl_v73_struct(muufl_files):
     """The same struct saved as MATLAB v7.3 (HDF5 groups, Lidar a cell of object references)."""
-    import h5py
-
-    s = muufl_struct()["hsi"]
-    p = tmp_path / "muufl_v73.mat"
-    with h5py.File(p, "w", userblock_size=512) as f:
-        g = f.create_group("hsi")
-        g.create_dataset("Data", data=s["Data"].T)
-        refs = f.create_group("#refs#")
-        cell = refs.create_group("a")
-        cell.create_dataset("z", data=s["Lidar"][0, 0]["z"].T)
-        g.create_dataset("Lidar", data=np.array([[cell.ref]], dtype=h5py.ref_dtype))
-        g.create_group("sceneLabels").create_dataset("labels", data=s["sceneLabels"]["labels"].astype(np.float64).T)
-        g.create_group("info").create_dataset("wavelength", data=s["info"]["wavelength"].T)
-    a = read_muufl(p, val_fraction=0)
-    scipy.io.savemat(tmp_path / "v5.mat", muufl_struct())
-    b = read_muufl(tmp_path / "v5.mat", val_fraction=0)
+    a = read_muufl(muufl_files["v73"], val_fraction=0)
+    b = read_muufl(muufl_files["v5"], val_fraction=0)
     assert np.array_equal(a.modalities["hsi"].data, b.modalities["hsi"].data)
     assert np.array_equal(a.modalities["lidar"].data, b.modalities["lidar"].data)
     assert np.array_equal(a.labels["train"], b.labels["train"]) and np.array_equal(a.labels["test"], b.labels["test"])

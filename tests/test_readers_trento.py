@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 import scipy.io
@@ -11,32 +10,16 @@ from bdgf.data.readers import read_trento
 from bdgf.data.readers.trento import CLASS_NAMES
 from bdgf.data.scene import Scene, write_scene
 from bdgf.errors import InputError
-
-H, W = 166, 600
-
-
-def savemat73(path, **arrays):
-    """A MATLAB v7.3 file: HDF5 with a 512-byte header block, arrays stored column-major."""
-    with h5py.File(path, "w", userblock_size=512) as f:
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            ds = f.create_dataset(k, data=v.T)
-            ds.attrs["MATLAB_class"] = np.bytes_({"float32": "single", "float64": "double"}.get(v.dtype.name, v.dtype.name))
-    with open(path, "r+b") as fh:
-        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + b"\0" * 8 + b"\x00\x02IM")
-    return path
+from data import savemat73
+from data.trento.data import H, W, make
 
 
 @pytest.fixture(scope="module")
 def trento(tmp_path_factory, real_data):
     d = tmp_path_factory.mktemp("trento")
-    rng = np.random.default_rng(1)
-    hsi = rng.normal(1000, 50, size=(H, W, 63)).astype(np.float32)
-    hsi[3, 4, 10] = 0.5  # a marker to check the axis order after the v7.3 transpose
-    scipy.io.savemat(d / "Italy_hsi.mat", {"data": hsi})
-    savemat73(d / "Italy_hsi_v73.mat", data=hsi)
-    return {"hsi": d / "Italy_hsi.mat", "hsi73": d / "Italy_hsi_v73.mat", "lidar": real_data / "trento" / "Italy_lidar.mat",
-            "gt": real_data / "trento" / "allgrd.mat", "dir": d, "cube": hsi}
+    fake = make(d)
+    return {**fake, "lidar": real_data / "trento" / "Italy_lidar.mat", "gt": real_data / "trento" / "allgrd.mat",
+            "dir": d, "cube": scipy.io.loadmat(fake["hsi"])["data"]}
 
 
 def test_trento_ground_truth_store(trento, tmp_path):
@@ -55,7 +38,7 @@ def test_trento_ground_truth_store(trento, tmp_path):
     dsm = s.modality("lidar")[0]
     assert float(dsm.min()) == 0.0 and float(dsm.max()) == pytest.approx(20.15, abs=0.01)
     assert float(s.modality("lidar")[1].max()) == pytest.approx(2901.0)
-    assert s.modality("hsi")[10, 3, 4] == pytest.approx(0.5)
+    assert s.modality("hsi")[10, 3, 4] == pytest.approx(0.5)  # data.trento.data.MARKER
 
 
 def test_trento_split_reproducible(trento):
