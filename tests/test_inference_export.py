@@ -18,19 +18,19 @@ S = T + 2 * HALO
 SPEC = FeatureSpec("test", (5, 60), 1, 9, T, HALO, "concat")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def graph():
+def graph(one_thread):
     torch.manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     denoiser = DenoiserUNet(UNetConfig(C, M, base_channels=8, channel_mults=(1, 2, 2), attention_heads=2))
     fc = {k: v * len(SPEC.timesteps) for k, v in denoiser.feature_channels.items()}
     classifier = BDGFClassifier(ClassifierConfig.from_dict({
         "in_channels": C, "feature_channels": fc, "num_classes": K, "patch_size": P,
         "mamba": {"d_model": 8, "d_state": 4, "n_layers": 1}, "cnn": {"width": 16, "low_width": 8, "num_blocks": 1},
     }))
-    yield TileClassifier(denoiser, NoiseSchedule(), classifier, SPEC, T).eval(), denoiser, classifier
-    torch.set_num_threads(n)
+    return TileClassifier(denoiser, NoiseSchedule(), classifier, SPEC, T).eval(), denoiser, classifier
 
 
 def _inputs(batch: int, seed: int):

@@ -20,6 +20,7 @@ from torch import nn
 
 from bdgf.engine.loop import TorchStepper
 from bdgf.errors import BDGFError
+from bdgf.run import read_checkpoint, write_checkpoint
 
 log = logging.getLogger("bdgf.distributed")
 
@@ -152,10 +153,10 @@ class DDPStepper(TorchStepper):
     def save(self, directory: Path) -> None:
         if torch.distributed.get_rank() == 0:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            torch.save({"model": self.model.module.state_dict(), **self.state_dict()}, Path(directory) / "ddp.pt")
+            write_checkpoint({"model": self.model.module.state_dict(), **self.state_dict()}, Path(directory) / "ddp.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "ddp.pt", map_location="cpu", weights_only=False)
+        state = read_checkpoint(Path(directory) / "ddp.pt", "DDP checkpoint")
         self.model.module.load_state_dict(state["model"])
         self.load_state_dict(state)
 
@@ -172,5 +173,6 @@ def make_engine(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
         return engine, DeepSpeedStepper(engine, optimizer)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # find_unused_parameters: the mutual-learning projectors of a single-branch ablation get no gradient.
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     return ddp, DDPStepper(ddp, optimizer, ds_config.get("gradient_clipping") or None)
