@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bdgf.data.scene import Scene, _pad
+from bdgf.data.scene import Scene, pad_block
 from bdgf.errors import InputError, StoreError
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class PatchDataset(torch.utils.data.Dataset):
         feats = {}
         for name in self.features:
             block = np.asarray(s.root["features"][name][:, rr0:rr1, cc0:cc1], np.float32)
-            feats[name] = _pad(block, pads, "reflect") if any(x for pr in pads for x in pr) else block
+            feats[name] = pad_block(block, pads, "reflect") if any(x for pr in pads for x in pr) else block
         return patch, valid, feats
 
     def _load_cache(self) -> dict:
@@ -276,11 +276,11 @@ class PatchDataset(torch.utils.data.Dataset):
         half = self.patch_size // 2
         pads = ((half, half), (half, half))
         cache = {
-            "patch": _pad(s.read_window(0, 0, h, w, pad="reflect", concat=True), pads, "reflect"),
-            "valid": _pad(s.valid[None], pads, "reflect")[0],
+            "patch": pad_block(s.read_window(0, 0, h, w, pad="reflect", concat=True), pads, "reflect"),
+            "valid": pad_block(s.valid[None], pads, "reflect")[0],
         }
         for name in self.features:
-            cache[name] = _pad(np.asarray(s.root["features"][name][...], np.float16), pads, "reflect")
+            cache[name] = pad_block(np.asarray(s.root["features"][name][...], np.float16), pads, "reflect")
         return cache
 
     def _read_cached(self, r: int, c: int):

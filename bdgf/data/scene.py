@@ -426,7 +426,7 @@ class Scene:
             block = (np.asarray(arr[:, r0:r1, c0:c1], np.float32) - mean) / std
             block[:, ~valid] = 0.0
             if any(p for pair in pads for p in pair):
-                block = _pad(block, pads, pad)
+                block = pad_block(block, pads, pad)
             out[name] = block
         if concat:
             return np.concatenate([out[n] for n in self.modality_names], axis=0)
@@ -439,7 +439,7 @@ class Scene:
         c0, c1 = max(col, 0), min(col + width, w)
         pads = ((r0 - row, row + height - r1), (c0 - col, col + width - c1))
         v = np.asarray(self.root["valid"][r0:r1, c0:c1], bool)
-        return _pad(v[None], pads, pad)[0] if any(p for pair in pads for p in pair) else v
+        return pad_block(v[None], pads, pad)[0] if any(p for pair in pads for p in pair) else v
 
     def summary(self) -> str:
         """Human-readable description (what ``bdgf info`` prints)."""
@@ -466,7 +466,7 @@ class Scene:
         return "\n".join(lines)
 
 
-def _pad(block: np.ndarray, pads, mode: str) -> np.ndarray:
+def pad_block(block: np.ndarray, pads, mode: str) -> np.ndarray:
     widths = ((0, 0),) + tuple(pads)
     if mode == "reflect" and min(block.shape[1:]) < 2:
         mode = "edge"  # nothing to reflect on a one-pixel-wide grid
