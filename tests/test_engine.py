@@ -277,9 +277,9 @@ def test_pipeline_from_run_gives_the_probabilities_of_evaluate(tiny_run, trained
             continue
         tile = pipe.classify_tiles(scene, [origin])[0]  # (K, T, T)
         got = tile[:, coords[inside, 0] - r0, coords[inside, 1] - c0].T
-        # The cache keeps features as float16; the pipeline computes them in float32.
-        np.testing.assert_allclose(got, probs[inside], atol=2e-2)
-        assert (got.argmax(1) == probs[inside].argmax(1)).mean() > 0.95
+        # The cache keeps features as float16, the pipeline computes them in float32 (measured: 1.3e-5).
+        np.testing.assert_allclose(got, probs[inside], atol=1e-3)
+        np.testing.assert_array_equal(got.argmax(1), probs[inside].argmax(1))
         checked += int(inside.sum())
     assert checked >= 20, checked
     # The normalisation is the run's own record, not the store's: raw values in, same input.
