@@ -3,6 +3,7 @@ input and exits with status 2; ``BDGF_DEBUG=1`` shows the traceback."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def command(also: tuple[type[BaseException], ...] = ()):
+    """Register a function as a subcommand whose BDGFError (and ``also``) becomes a one-line
+    ``error:`` message with exit status 2 (``BDGF_DEBUG=1``: the traceback)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (BDGFError, *also) as exc:
+                _fail(exc)
+
+        return app.command()(run)
+
+    return register
 
 
 def _fail(exc: BaseException) -> None:
@@ -37,7 +55,7 @@ def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-@app.command()
+@command(also=(KeyError,))
 def synth(
     out: Path = typer.Argument(..., help="Scene store to create (a folder, e.g. demo.zarr)."),
     preset: str = typer.Option("demo", help="Scene preset: tiny, demo, imbalance or sar."),
@@ -45,17 +63,14 @@ def synth(
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Make a deterministic synthetic scene (classes with spectra, elevation, labels) and store it."""
-    try:
-        from bdgf.data.scene import write_scene
-        from bdgf.data.synthetic import make_scene
+    from bdgf.data.scene import write_scene
+    from bdgf.data.synthetic import make_scene
 
-        scene = write_scene(make_scene(preset, seed), out, overwrite=overwrite, progress=True)
-        typer.echo(scene.summary())
-    except (BDGFError, KeyError) as exc:
-        _fail(exc)
+    scene = write_scene(make_scene(preset, seed), out, overwrite=overwrite, progress=True)
+    typer.echo(scene.summary())
 
 
-@app.command()
+@command(also=(KeyError,))
 def ingest(
     dataset: str = typer.Argument(..., help="houston2013, trento, muufl, augsburg or generic."),
     out: Path = typer.Argument(..., help="Scene store to create."),
@@ -76,55 +91,46 @@ def ingest(
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Read a benchmark's native files (or any co-registered rasters) into a scene store."""
-    try:
-        from bdgf.data.readers import read_dataset
-        from bdgf.data.scene import write_scene
+    from bdgf.data.readers import read_dataset
+    from bdgf.data.scene import write_scene
 
-        given = dict(hsi=hsi, lidar=lidar, sar=sar, dsm=dsm, train=train, test=test, gt=gt, path=mat)
-        kwargs = {k: v for k, v in given.items() if v is not None}
-        if dataset == "generic":
-            kwargs = {
-                "modalities": _parse_pairs(modality, "--modality"),
-                "labels": _parse_pairs(labels, "--labels"),
-                "class_names": classes.split(",") if classes else None,
-            }
-        if dataset in ("muufl", "trento"):
-            kwargs["per_class"] = per_class
-        kwargs["val_fraction"] = val_fraction
-        kwargs["seed"] = seed
-        if Path(out).exists() and not overwrite:
-            raise BDGFError(f"{out}: already exists (pass --overwrite to replace it)")
-        scene = write_scene(read_dataset(dataset, **kwargs), out, overwrite=overwrite, progress=True)
-        typer.echo(scene.summary())
-    except (BDGFError, KeyError) as exc:
-        _fail(exc)
+    given = dict(hsi=hsi, lidar=lidar, sar=sar, dsm=dsm, train=train, test=test, gt=gt, path=mat)
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if dataset == "generic":
+        kwargs = {
+            "modalities": _parse_pairs(modality, "--modality"),
+            "labels": _parse_pairs(labels, "--labels"),
+            "class_names": classes.split(",") if classes else None,
+        }
+    if dataset in ("muufl", "trento"):
+        kwargs["per_class"] = per_class
+    kwargs["val_fraction"] = val_fraction
+    kwargs["seed"] = seed
+    if Path(out).exists() and not overwrite:
+        raise BDGFError(f"{out}: already exists (pass --overwrite to replace it)")
+    scene = write_scene(read_dataset(dataset, **kwargs), out, overwrite=overwrite, progress=True)
+    typer.echo(scene.summary())
 
 
-@app.command()
+@command()
 def info(store: Path = typer.Argument(..., help="Scene store.")) -> None:
     """Print a scene's modalities, bands, grid, classes and split counts."""
-    try:
-        from bdgf.data.scene import Scene
+    from bdgf.data.scene import Scene
 
-        typer.echo(Scene.open(store).summary())
-    except BDGFError as exc:
-        _fail(exc)
+    typer.echo(Scene.open(store).summary())
 
 
-@app.command()
+@command()
 def preview(
     store: Path = typer.Argument(..., help="Scene store."),
     out: Path = typer.Option(..., "--out", help="PNG to write."),
 ) -> None:
     """Save a PNG: false-colour HSI, elevation and labels side by side."""
-    try:
-        from bdgf.data.scene import Scene
-        from bdgf.preview import save_preview
+    from bdgf.data.scene import Scene
+    from bdgf.preview import save_preview
 
-        path = save_preview(Scene.open(store), out)
-        typer.echo(f"wrote {path}")
-    except BDGFError as exc:
-        _fail(exc)
+    path = save_preview(Scene.open(store), out)
+    typer.echo(f"wrote {path}")
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -161,7 +167,7 @@ MaxFailures = Annotated[Optional[int], typer.Option(help="Worker restarts Ray Tr
 DeepSpeedConfig = Annotated[Optional[str], typer.Option(help="DeepSpeed JSON template (default: the bundled one).")]
 
 
-@app.command()
+@command()
 def pretrain(
     stores: list[Path] = typer.Argument(..., help="Scene store(s); several must share one band layout."),
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
@@ -176,18 +182,15 @@ def pretrain(
     deepspeed_config: DeepSpeedConfig = None,
 ) -> None:
     """Stage 1: pretrain the balanced multimodal denoiser with adaptive modality masking."""
-    try:
-        from bdgf.engine.pretrain import pretrain as run_pretrain
+    from bdgf.engine.pretrain import pretrain as run_pretrain
 
-        cfg = _run_config(config, set_)
-        summary = run_pretrain(stores, out, cfg, resume=resume, overwrite=overwrite, workers=workers, address=address,
-                               storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
-        typer.echo(summary.line())
-    except BDGFError as exc:
-        _fail(exc)
+    cfg = _run_config(config, set_)
+    summary = run_pretrain(stores, out, cfg, resume=resume, overwrite=overwrite, workers=workers, address=address,
+                           storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
+    typer.echo(summary.line())
 
 
-@app.command()
+@command()
 def features(
     store: Path = typer.Argument(..., help="Scene store (features are cached into it)."),
     run: Path = typer.Option(..., "--run", help="Run directory with a pretrained denoiser."),
@@ -195,15 +198,12 @@ def features(
     address: Address = None,
 ) -> None:
     """Compute dense diffusion features (low/mid/high) and cache them in the store."""
-    try:
-        from bdgf.engine.features import compute_features
+    from bdgf.engine.features import compute_features
 
-        typer.echo(compute_features(store, run, workers=workers, address=address).line())
-    except BDGFError as exc:
-        _fail(exc)
+    typer.echo(compute_features(store, run, workers=workers, address=address).line())
 
 
-@app.command()
+@command()
 def train(
     store: Path = typer.Argument(..., help="Scene store with cached features."),
     run: Path = typer.Option(..., "--run", help="Run directory."),
@@ -217,21 +217,18 @@ def train(
     deepspeed_config: DeepSpeedConfig = None,
 ) -> None:
     """Stage 2: train the diffusion-guided multi-branch classifier (model selection on val)."""
-    try:
-        from bdgf.engine.classify import train as run_train
+    from bdgf.engine.classify import train as run_train
 
-        overrides = _overrides(set_)
-        if branches:
-            overrides["train.branches"] = [b.strip() for b in branches.split(",")]
-        for s in _seeds(seeds) or [None]:
-            r = run_train(store, run, seed=s, overrides=overrides, workers=workers, address=address,
-                          storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
-            typer.echo(r.line())
-    except BDGFError as exc:
-        _fail(exc)
+    overrides = _overrides(set_)
+    if branches:
+        overrides["train.branches"] = [b.strip() for b in branches.split(",")]
+    for s in _seeds(seeds) or [None]:
+        r = run_train(store, run, seed=s, overrides=overrides, workers=workers, address=address,
+                      storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
+        typer.echo(r.line())
 
 
-@app.command()
+@command()
 def evaluate(
     store: Path = typer.Argument(..., help="Scene store with cached features."),
     run: Path = typer.Option(..., "--run", help="Run directory with trained classifiers."),
@@ -239,27 +236,21 @@ def evaluate(
     seeds: Optional[str] = typer.Option(None, help="Seeds to score (default: every trained seed)."),
 ) -> None:
     """Score the trained classifiers: OA, AA, kappa, per class, per branch; metrics.json + map PNG."""
-    try:
-        from bdgf.engine.classify import evaluate as run_evaluate
+    from bdgf.engine.classify import evaluate as run_evaluate
 
-        typer.echo(run_evaluate(store, run, split=split, seeds=_seeds(seeds)).text())
-    except BDGFError as exc:
-        _fail(exc)
+    typer.echo(run_evaluate(store, run, split=split, seeds=_seeds(seeds)).text())
 
 
-@app.command()
+@command()
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the store, the run and the PNGs."),
     seed: int = typer.Option(0, help="Scene and training seed."),
     preset: str = typer.Option("demo", help="Synthetic preset (tiny for a quick look)."),
 ) -> None:
     """The whole pipeline on a synthetic scene, nothing to download (what `make demo` runs)."""
-    try:
-        from bdgf.demo import run_demo
+    from bdgf.demo import run_demo
 
-        run_demo(out, seed=seed, preset=preset)
-    except BDGFError as exc:
-        _fail(exc)
+    run_demo(out, seed=seed, preset=preset)
 
 
 def main(argv: list[str] | None = None) -> None:
