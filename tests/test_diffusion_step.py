@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("kernels.dispatch")
+import kernels.dispatch  # noqa: E402,F401 - a hard dependency: missing means broken
 
 from bdgf.diffusion.loss import concat_mse  # noqa: E402
 from bdgf.diffusion.masking import AdaptiveModalityMasking  # noqa: E402

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("deepspeed")
+import ray  # noqa: E402 - the distributed extra is part of `make install`
+import deepspeed  # noqa: E402,F401
 
 from bdgf.config import RunConfig  # noqa: E402
 from bdgf.errors import BDGFError, StoreError  # noqa: E402

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton reads this when first imported: set 
 
 from kernels.cross_attention import cross_attention_ref, cross_attention_triton  # noqa: E402
 
-pytest.importorskip("triton")
+import triton  # noqa: E402,F401 - installed on Linux; the kernels run under TRITON_INTERPRET=1
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton reads this when first imported: set 
 from kernels.masked_denoise import (balanced_mse_ref, balanced_mse_triton, noise_and_mask_ref,
                                     noise_and_mask_triton)
 
-pytest.importorskip("triton")
+import triton  # noqa: E402,F401 - installed on Linux; the kernels run under TRITON_INTERPRET=1
 
 CM = torch.tensor([0, 0, 0, 0, 1, 2, 2])  # 4-band, 1-band, 2-band modalities
 M = 3
