@@ -17,12 +17,19 @@ def most_masked(p_mask: dict[str, float | None]) -> str:
     return leaders[0] if len(leaders) == 1 else "none (equal)"
 
 
+class _Record:
+    """Every summary saves as a plain dict (run.json, summary.json, metrics.json)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _num(v, fmt: str) -> str:
     return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
 
 
 @dataclass
-class PretrainSummary:
+class PretrainSummary(_Record):
     steps: int
     final_loss: float | None
     loss_per_modality: dict[str, float | None]
@@ -33,9 +40,6 @@ class PretrainSummary:
     workers: int
     engine: str
     checkpoint: str | None = None  # the Ray Train checkpoint the run dir was filled from
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def line(self) -> str:
         mods = ", ".join(f"{n}: loss {_num(self.loss_per_modality[n], '.4f')} p_mask {_num(self.p_mask[n], '.2f')}"
@@ -50,7 +54,7 @@ FEATURE_STATES = {"reuse": "reused cached", "resume": "resumed", "new": "compute
 
 
 @dataclass
-class FeatureSummary:
+class FeatureSummary(_Record):
     state: str  # reuse | resume | new | recompute
     checkpoint: str  # hash of the denoiser's weights
     channels: dict[str, int]
@@ -58,16 +62,13 @@ class FeatureSummary:
     pixels_per_s: float | None
     workers: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def line(self) -> str:
         return (f"{FEATURE_STATES[self.state]} features for checkpoint {self.checkpoint}: {self.channels} "
                 f"({self.wall_s:.1f} s, {self.workers} worker(s))")
 
 
 @dataclass
-class TrainSummary:
+class TrainSummary(_Record):
     seed: int
     epoch: int  # the selected (best-on-val) epoch
     val_oa: float
@@ -78,16 +79,13 @@ class TrainSummary:
     engine: str
     epochs_run: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def line(self) -> str:
         return (f"seed {self.seed}: best val OA {self.val_oa:.4f} at epoch {self.epoch} of {self.epochs_run} "
                 f"({self.workers} worker(s), {self.engine}; {self.wall_s:.1f} s)")
 
 
 @dataclass
-class EvalSummary:
+class EvalSummary(_Record):
     split: str
     seeds: list[int]
     oa: dict[str, float]  # {"mean", "std"} over seeds
@@ -95,9 +93,6 @@ class EvalSummary:
     kappa: dict[str, float]
     branches: dict[str, dict[str, dict[str, float]]]  # branch -> metric -> {"mean", "std"}
     per_seed: dict[str, dict] = field(default_factory=dict)  # seed -> full classification report
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def text(self) -> str:
         def ms(d: dict) -> str:
