@@ -44,6 +44,8 @@ class PretrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
+    # A tile is skipped when fewer than this share of its pixels is valid (nodata borders).
+    min_valid_fraction: float = 0.5
     unet: dict = field(default_factory=lambda: {"base_channels": 32, "channel_mults": [1, 2, 2]})
     schedule: dict = field(default_factory=lambda: {"kind": "cosine", "num_timesteps": 1000})
     masking: dict = field(default_factory=lambda: {"mode": "adaptive", "warmup_steps": 50})
@@ -153,6 +155,8 @@ class RunConfig:
                     raise ConfigError(f"{where}: {sec}.{n} must be in (0, 1), got {getattr(obj, n)}")
         if p.loss_kind not in ("balanced", "concat"):
             raise ConfigError(f"{where}: pretrain.loss_kind must be 'balanced' or 'concat', got {p.loss_kind!r}")
+        if not 0.0 <= p.min_valid_fraction <= 1.0:
+            raise ConfigError(f"{where}: pretrain.min_valid_fraction must be in [0, 1], got {p.min_valid_fraction}")
         if f.halo < 0:
             raise ConfigError(f"{where}: features.halo must be >= 0, got {f.halo}")
         if not f.timesteps or any(int(s) < 0 for s in f.timesteps):
