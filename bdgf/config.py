@@ -10,7 +10,7 @@ each as a ``ConfigError`` naming the full key path::
 
     config.yaml: train.model.mamba: unknown key(s) ['d_stat']; known: [...]
     config.yaml: train.model.mamba.d_state must be an integer >= 1, got 0
-    overrides: pretrain.unet: level width 12 is not divisible by norm_groups=8
+    overrides: features.halo 16 must be a multiple of 4 and at least the denoiser's receptive radius 28 ...
 """
 
 from __future__ import annotations
@@ -59,9 +59,16 @@ class FeatureConfig:
     draws: int = 1  # noise draws averaged per timestep
     noise_seed: int = 1234
     tile_size: int = 64  # also the chunk size of the feature arrays: each tile owns its chunks
-    halo: int = 16  # context on each side of a tile, cropped after the pass
+    # Context on each side of a tile, cropped after the pass. null: the denoiser's receptive
+    # radius rounded up to its stride phase (the least halo whose features do not depend on the
+    # tiling); a smaller one is refused.
+    halo: int | None = None
     batch_size: int = 8
     timestep_reduce: str = "concat"  # concat | mean over timesteps
+    # Also cache, for each modality, the features computed with it absent (masked as in
+    # pretraining): what stage 2's modality dropout trains on and `--absent` evaluates. Costs
+    # one more denoiser pass per modality.
+    absent_variants: bool = True
 
 
 @dataclass
@@ -79,6 +86,10 @@ class TrainConfig:
     patience: int = 10  # epochs without val improvement before stopping
     seed: int = 0
     num_workers: int = 0
+    # Share of training patches that see one modality (drawn uniformly) as absent: its bands
+    # zeroed and marked unavailable, its features the cached "<level>_without_<m>". So the
+    # classifier copes when a scene lacks a modality (`bdgf evaluate --absent`). 0: off.
+    modality_dropout: float = 0.2
     # Mamba sized for CPUs: its parallel scan materialises (B, L, E, N) states.
     model: dict = field(default_factory=lambda: {"mamba": {"d_model": 32, "d_state": 8, "n_layers": 1}})
     mutual: dict = field(default_factory=dict)
@@ -157,8 +168,6 @@ class RunConfig:
             raise ConfigError(f"{where}: pretrain.loss_kind must be 'balanced' or 'concat', got {p.loss_kind!r}")
         if not 0.0 <= p.min_valid_fraction <= 1.0:
             raise ConfigError(f"{where}: pretrain.min_valid_fraction must be in [0, 1], got {p.min_valid_fraction}")
-        if f.halo < 0:
-            raise ConfigError(f"{where}: features.halo must be >= 0, got {f.halo}")
         if not f.timesteps or any(int(s) < 0 for s in f.timesteps):
             raise ConfigError(f"{where}: features.timesteps must be a non-empty list of steps >= 0")
         if f.timestep_reduce not in ("concat", "mean"):
@@ -168,6 +177,8 @@ class RunConfig:
         known = {"cnn", "mamba", "transformer"}
         if not t.branches or set(t.branches) - known or len(set(t.branches)) != len(t.branches):
             raise ConfigError(f"{where}: train.branches must be a non-empty subset of {sorted(known)}, got {t.branches}")
+        if not 0.0 <= t.modality_dropout < 1.0:
+            raise ConfigError(f"{where}: train.modality_dropout must be in [0, 1), got {t.modality_dropout}")
         if t.num_workers < 0:
             raise ConfigError(f"{where}: train.num_workers must be >= 0")
         # Nested sections: let their owners check them now rather than at step 1000. The UNet's
@@ -183,10 +194,7 @@ class RunConfig:
         if p.tile_size % unet.tile_multiple:
             raise ConfigError(f"{where}: pretrain.tile_size {p.tile_size} must be a multiple of "
                               f"{unet.tile_multiple} (2^(levels-1) for pretrain.unet.channel_mults)")
-        side = f.tile_size + 2 * f.halo
-        if side % unet.tile_multiple:
-            raise ConfigError(f"{where}: features.tile_size + 2*halo = {side} must be a multiple of "
-                              f"{unet.tile_multiple} (2^(levels-1) for pretrain.unet.channel_mults)")
+        _check_feature_window(f, unet, where)
         _nested(ScheduleConfig, p.schedule, where, "pretrain.schedule")
         _nested(MaskingConfig, p.masking, where, "pretrain.masking")
         for step in f.timesteps:
@@ -196,12 +204,33 @@ class RunConfig:
         _nested(MutualLearningConfig, t.mutual, where, "train.mutual")
 
 
+def _check_feature_window(f: "FeatureConfig", unet, where: str) -> None:
+    """features.tile_size and features.halo against the denoiser's stride phase and receptive
+    radius (both depend on the UNet's layout only, not on the scene's bands)."""
+    import torch
+
+    from bdgf.diffusion.features import aligned_halo
+    from bdgf.diffusion.unet import DenoiserUNet
+
+    m = unet.tile_multiple
+    if f.tile_size % m:
+        raise ConfigError(f"{where}: features.tile_size {f.tile_size} must be a multiple of {m} "
+                          f"(2^(levels-1) for pretrain.unet.channel_mults)")
+    if f.halo is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        R = DenoiserUNet(unet).receptive_radius
+    if f.halo < R or f.halo % m:
+        raise ConfigError(f"{where}: features.halo {f.halo} must be a multiple of {m} and at least the "
+                          f"denoiser's receptive radius {R} (features would depend on the tiling); "
+                          f"use {aligned_halo(R, m)} or leave it unset")
+
+
 # --- nested sections ------------------------------------------------------------------------
 # Sizes their owners do not range-check (0 would build a degenerate or broken model): the least
 # value of each integer key, per nested section. Lists: every item.
 _AT_LEAST = {
-    "pretrain.unet": {"base_channels": 1, "blocks_per_level": 1, "attention_heads": 1, "norm_groups": 1,
-                      "embed_mult": 1, "channel_mults": 1},
+    "pretrain.unet": {"base_channels": 1, "blocks_per_level": 1, "embed_mult": 1, "channel_mults": 1},
     "train.model.cnn": {"width": 1, "low_width": 1, "num_blocks": 0},
     "train.model.mamba": {"d_model": 1, "n_layers": 1, "d_state": 1, "expand": 1, "d_conv": 1, "dt_rank": 1,
                           "groups": 1, "gate_hidden": 1},

@@ -92,4 +92,10 @@ def ready_channels(store: str | Path, levels: Iterable[str]) -> dict[str, int]:
     if spec is None or not complete:
         raise BDGFError(f"{store}: no complete diffusion features; run `bdgf features {store} --run RUN` first")
     group = zarr.open_group(str(store), mode="r")[GROUP]
+    levels = list(levels)
+    missing = [n for n in levels if n not in group]
+    if missing:
+        raise BDGFError(f"{store}: the cached features have no {missing} (they were computed with other "
+                        f"settings, e.g. features.absent_variants: false); rerun `bdgf features {store} --run RUN` "
+                        "with features.absent_variants: true")
     return {name: int(group[name].shape[0]) for name in levels}

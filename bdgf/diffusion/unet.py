@@ -12,20 +12,29 @@ Glossary (letters as in docs/glossary.md)
     F_i    channels at level i = base_channels * channel_mults[i]
     F_low, F_mid, F_high   channels of the three feature levels (F_i at ``feature_levels``)
     D_emb  embedding width (time + presence) = base_channels * embed_mult (the variable ``E``)
-    G      GroupNorm channel groups (``norm_groups``)
-    Hh     attention heads of the coarsest level (``attention_heads``)
-    Dh     head width there, F_i / Hh
+    R      receptive radius in input pixels (``receptive_radius``)
     t      diffusion timestep of each sample, (B,)
 
 Layout
     conv_in (C -> F_0)
     encoder  level i: blocks_per_level ResBlocks at F_i, skip saved, Downsample unless
              i = n_lev - 1
-    middle   ResBlock, SelfAttention (coarsest level), ResBlock
+    middle   one ResBlock at the coarsest level
     decoder  level i = n_lev - 1 .. 0: ResBlock(cat(activation, skip_i)) + (blocks_per_level - 1)
              ResBlocks at F_i, the output is the decoder feature of level i, then Upsample
              unless i = 0
-    out      GroupNorm, SiLU, conv (F_0 -> C)  -> x0_hat (B, C, S, S)
+    out      ChannelNorm, SiLU, conv (F_0 -> C)  -> x0_hat (B, C, S, S)
+
+Tile invariance. Every operation is local: convolutions, per-pixel normalisation (LayerNorm over
+channels at each position, ``ChannelNorm``), and nothing whose statistics span the window (no
+GroupNorm, no global attention). So the output at a pixel depends only on the input within
+``receptive_radius`` pixels of it, and a window whose top-left corner is on the stride phase
+(a multiple of 2^(n_lev - 1) in scene coordinates) computes, for every pixel at least R from
+its edges, exactly what any other such window computes there. ``bdgf.diffusion.features`` cuts
+windows that way; the feature halo defaults to R and a smaller one is refused.
+
+Each ResBlock has one 3×3 and one 1×1 convolution (and the middle is one block) to keep R, and
+with it the halo every tile pays, small: R = 28 px for the default three levels.
 
 The embedding ``emb`` (B, D_emb) = MLP(sinusoidal(t)) + MLP(presence flags); every ResBlock adds a
 projection of it to its feature map. The learned ``mask_embedding`` (C,) is owned here and is what
@@ -53,9 +62,6 @@ class UNetConfig:
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = 1
-    attention_at_coarsest: bool = True
-    attention_heads: int = 4
-    norm_groups: int = 8
     embed_mult: int = 4
     dropout: float = 0.0
     # Decoder levels (low, mid, high) whose outputs are the diffusion features (DESIGN §1.3);
@@ -68,12 +74,6 @@ class UNetConfig:
             raise ValueError("in_channels and num_modalities must be >= 1")
         if not self.channel_mults or self.blocks_per_level < 1:
             raise ValueError("channel_mults must be non-empty and blocks_per_level >= 1")
-        for c in self.level_channels:
-            if c % self.norm_groups:
-                raise ValueError(f"level width {c} is not divisible by norm_groups={self.norm_groups}")
-        if self.attention_at_coarsest and self.level_channels[-1] % self.attention_heads:
-            raise ValueError(f"coarsest width {self.level_channels[-1]} is not divisible by "
-                             f"attention_heads={self.attention_heads}")
         if self.base_channels % 2:
             raise ValueError("base_channels must be even (sinusoidal timestep embedding)")
         object.__setattr__(self, "feature_levels", tuple(int(v) for v in self.feature_levels))
@@ -98,7 +98,8 @@ class UNetConfig:
 
     @property
     def tile_multiple(self) -> int:
-        """The window's sides must be multiples of this (2^(n_lev - 1))."""
+        """The window's sides, and its top-left corner in scene coordinates, must be multiples of
+        this (2^(n_lev - 1)): the stride phase."""
         return 2 ** (self.num_levels - 1)
 
 
@@ -110,18 +111,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-class ResBlock(nn.Module):
-    """x (B, cin, S_i, S_i), emb (B, D_emb) -> (B, cout, S_i, S_i); GroupNorm -> SiLU -> conv,
-    + emb, twice; residual."""
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each position: (B, channels, S_i, S_i) -> same. Pixel-local,
+    so it cannot make one pixel depend on the window around it."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+    def __init__(self, channels: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ResBlock(nn.Module):
+    """x (B, cin, S_i, S_i), emb (B, D_emb) -> (B, cout, S_i, S_i): ChannelNorm -> SiLU -> 3×3
+    conv, + emb, ChannelNorm -> SiLU -> 1×1 conv; residual. ``radius`` = 1 pixel of its level."""
+
+    radius = 1
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = ChannelNorm(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, cout)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = ChannelNorm(cout)
         self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -131,28 +146,11 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the S_i * S_i positions: (B, channels, S_i, S_i) -> same,
-    residual. (The local h, w are S_i's two sides, not the halo.)"""
-
-    def __init__(self, channels: int, heads: int, groups: int):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, Hh, S_i*S_i, Dh)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, Hh, S_i*S_i, Dh)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
-
-
 class Downsample(nn.Module):
-    """(B, channels, S_i, S_i) -> (B, channels, S_i/2, S_i/2), stride-2 conv."""
+    """(B, channels, S_i, S_i) -> (B, channels, S_i/2, S_i/2), stride-2 3×3 conv: output j sees
+    inputs 2j-1 .. 2j+1 (``radius`` 1 pixel of the finer level)."""
+
+    radius = 1
 
     def __init__(self, channels: int):
         super().__init__()
@@ -163,7 +161,11 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """(B, channels, S_i, S_i) -> (B, channels, 2 S_i, 2 S_i), nearest then conv."""
+    """(B, channels, S_i, S_i) -> (B, channels, 2 S_i, 2 S_i), nearest then 3×3 conv: the nearest
+    copy looks up to 1 finer pixel to the left and the conv 1 each side (``radius`` 2 = both,
+    counted by ``DenoiserUNet.feature_radii``)."""
+
+    radius = 2
 
     def __init__(self, channels: int):
         super().__init__()
@@ -180,7 +182,7 @@ class DenoiserUNet(nn.Module):
         super().__init__()
         self.config = config
         cfg, chans = config, config.level_channels
-        E, G = cfg.base_channels * cfg.embed_mult, cfg.norm_groups
+        E = cfg.base_channels * cfg.embed_mult
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.in_channels))  # (C,)
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, E), nn.SiLU(), nn.Linear(E, E))
         # Presence flags enter as [present, 1 - present] (B, 2M): each modality has a learned vector
@@ -193,14 +195,12 @@ class DenoiserUNet(nn.Module):
         cin = chans[0]
         for i, c in enumerate(chans):
             self.enc.append(nn.ModuleList(
-                [ResBlock(cin if j == 0 else c, c, E, G, cfg.dropout) for j in range(cfg.blocks_per_level)]))
+                [ResBlock(cin if j == 0 else c, c, E, cfg.dropout) for j in range(cfg.blocks_per_level)]))
             cin = c
             self.down.append(Downsample(c) if i < cfg.num_levels - 1 else nn.Identity())
 
         cl = chans[-1]
-        self.mid1 = ResBlock(cl, cl, E, G, cfg.dropout)
-        self.mid_attn = SelfAttention(cl, cfg.attention_heads, G) if cfg.attention_at_coarsest else nn.Identity()
-        self.mid2 = ResBlock(cl, cl, E, G, cfg.dropout)
+        self.mid = ResBlock(cl, cl, E, cfg.dropout)
 
         # Decoder, stored finest-first (index = level); run from the coarsest level up.
         self.dec = nn.ModuleList()
@@ -208,10 +208,10 @@ class DenoiserUNet(nn.Module):
         for i, c in enumerate(chans):
             below = chans[i + 1] if i < cfg.num_levels - 1 else chans[-1]  # width arriving from below
             self.dec.append(nn.ModuleList(
-                [ResBlock(below + c if j == 0 else c, c, E, G, cfg.dropout) for j in range(cfg.blocks_per_level)]))
+                [ResBlock(below + c if j == 0 else c, c, E, cfg.dropout) for j in range(cfg.blocks_per_level)]))
             self.up.append(Upsample(c) if i > 0 else nn.Identity())
 
-        self.norm_out = nn.GroupNorm(G, chans[0])
+        self.norm_out = ChannelNorm(chans[0])
         self.conv_out = nn.Conv2d(chans[0], cfg.in_channels, 3, padding=1)
 
     @property
@@ -223,6 +223,47 @@ class DenoiserUNet(nn.Module):
     def feature_strides(self) -> dict[str, int]:
         """{"low": 1, "mid": 2, "high": 4} by default: downsampling factor of each feature map."""
         return {name: 2 ** lvl for name, lvl in self.config.named_feature_levels.items()}
+
+    def feature_radii(self) -> dict[str, int]:
+        """{level name: R_l}: input pixels (each side) that the feature map of that level, once
+        upsampled bilinearly to full resolution (``features.level_maps``), depends on.
+
+        Interval arithmetic over the layers in the order ``forward_with_features`` runs them: a
+        unit j of level i depends on inputs [2^i j - a, 2^i j + b]. A 3×3 conv or a stride-2 conv
+        adds its ``radius`` (1) times the level's stride to both sides; nearest upsampling to
+        level i-1 looks up to one level-(i-1) pixel to the left (a += 2^(i-1)) before its conv;
+        bilinear upsampling from level l (align_corners=False) reads the coarse pixels within
+        1.5·2^l - 1 to the left and 2^(l-1) to the right. R_l = max(a, b): exact for the
+        default UNet, an upper bound in general (tests compare it with measured dependence)."""
+        cfg = self.config
+        a = b = 1  # conv_in (3×3, level 0)
+        for i in range(cfg.num_levels):
+            grow = sum(blk.radius for blk in self.enc[i]) * 2 ** i
+            if i < cfg.num_levels - 1:
+                grow += self.down[i].radius * 2 ** i
+            a, b = a + grow, b + grow
+        grow = self.mid.radius * 2 ** (cfg.num_levels - 1)
+        a, b = a + grow, b + grow
+        at_level = {}
+        for i in range(cfg.num_levels - 1, -1, -1):
+            grow = sum(blk.radius for blk in self.dec[i]) * 2 ** i
+            a, b = a + grow, b + grow
+            at_level[i] = (a, b)
+            if i > 0:  # nearest (left only) then the conv of ``Upsample``
+                a, b = a + 2 ** (i - 1) + (self.up[i].radius - 1) * 2 ** (i - 1), b + (self.up[i].radius - 1) * 2 ** (i - 1)
+        radii = {}
+        for name, lvl in cfg.named_feature_levels.items():
+            la, lb = at_level[lvl]
+            if lvl > 0:
+                la, lb = la + 3 * 2 ** (lvl - 1) - 1, lb + 2 ** (lvl - 1)
+            radii[name] = max(la, lb)
+        return radii
+
+    @property
+    def receptive_radius(self) -> int:
+        """R: the largest of ``feature_radii``: a feature pixel depends on no input pixel farther
+        than R (in rows or columns) from it."""
+        return max(self.feature_radii().values())
 
     def _check(self, x_t: torch.Tensor, t: torch.Tensor, present: torch.Tensor) -> None:
         cfg = self.config
@@ -240,8 +281,9 @@ class DenoiserUNet(nn.Module):
 
     def embed(self, t: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """t (B,), present (B, M) -> emb (B, D_emb)."""
-        p = present.to(torch.float32)
-        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        dtype = self.time_mlp[0].weight.dtype
+        p = present.to(dtype)
+        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(dtype))
         return temb + self.presence_mlp(torch.cat([p, 1.0 - p], dim=-1))
 
     def forward_with_features(self, x_t: torch.Tensor, t: torch.Tensor, present: torch.Tensor
@@ -260,7 +302,7 @@ class DenoiserUNet(nn.Module):
                 h = block(h, emb)
             skips.append(h)
             h = down(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self.mid(h, emb)
         decoded: list[torch.Tensor] = [h] * self.config.num_levels
         for i in range(self.config.num_levels - 1, -1, -1):
             h = torch.cat([h, skips[i]], dim=1)

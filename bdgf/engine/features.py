@@ -18,7 +18,7 @@ from bdgf.config import FeatureConfig
 from bdgf.data import feature_cache
 from bdgf.data.scene import Scene
 from bdgf.data.stores import open_stores
-from bdgf.diffusion.features import FeatureSpec, tile_features
+from bdgf.diffusion.features import FeatureSpec, aligned_halo, check_window, feature_name, tile_features
 from bdgf.diffusion.schedules import NoiseSchedule
 from bdgf.diffusion.unet import DenoiserUNet
 from bdgf.errors import BDGFError
@@ -30,15 +30,21 @@ from bdgf.tiler import read_windows
 log = logging.getLogger("bdgf.features")
 
 
-def feature_spec(cfg: FeatureConfig, checkpoint_hash: str, tile_multiple: int) -> FeatureSpec:
-    side = cfg.tile_size + 2 * cfg.halo
-    if side % tile_multiple:
-        raise BDGFError(
-            f"features.tile_size + 2*halo = {side} must be a multiple of {tile_multiple} for this denoiser"
-        )
+def feature_spec(cfg: FeatureConfig, model: DenoiserUNet, checkpoint_hash: str,
+                 modalities: list[str] | None = None) -> FeatureSpec:
+    """The cache's settings: ``features.halo`` or, unset, the model's receptive radius rounded up
+    to its stride phase (refused when smaller: features would depend on the tiling); with
+    ``features.absent_variants`` and two or more ``modalities``, one variant per modality absent."""
+    m = model.config.tile_multiple
+    halo = aligned_halo(model.receptive_radius, m) if cfg.halo is None else int(cfg.halo)
+    try:
+        check_window(model, halo, cfg.tile_size)
+    except ValueError as exc:
+        raise BDGFError(f"features: {exc}") from exc
     return FeatureSpec(checkpoint=checkpoint_hash, timesteps=tuple(int(t) for t in cfg.timesteps),
-                       draws=cfg.draws, noise_seed=cfg.noise_seed, tile_size=cfg.tile_size, halo=cfg.halo,
-                       reduce=cfg.timestep_reduce)
+                       draws=cfg.draws, noise_seed=cfg.noise_seed, tile_size=cfg.tile_size, halo=halo,
+                       reduce=cfg.timestep_reduce,
+                       absent=tuple(modalities) if cfg.absent_variants and modalities and len(modalities) > 1 else ())
 
 
 def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedule, spec: FeatureSpec,
@@ -48,6 +54,8 @@ def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedul
     number of tiles computed."""
     scene = Scene.open(store)
     grid = spec.grid(*scene.shape)
+    names = scene.modality_names
+    cm = torch.as_tensor(scene.channel_modality, dtype=torch.int64)
     todo = feature_cache.pending(store, grid, origins)
     group = feature_cache.open_for_writing(store)
     bar = Progress(len(todo), "features", "tile", enabled=progress)
@@ -55,7 +63,12 @@ def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedul
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
             windows = torch.from_numpy(read_windows(scene, grid, batch)).to(device)
-            feats = tile_features(model, schedule, windows, [grid.window(o)[:2] for o in batch], spec)
+            corners = [grid.window(o)[:2] for o in batch]
+            feats = {}
+            for absent in (None, *spec.absent):
+                present = None if absent is None else torch.tensor([float(m != absent) for m in names])
+                got = tile_features(model, schedule, windows, corners, spec, present, cm)
+                feats.update({feature_name(level, absent): f for level, f in got.items()})
             for j, origin in enumerate(batch):
                 feature_cache.write(group, grid, origin, {n: f[j].cpu().numpy() for n, f in feats.items()})
             bar.update(len(batch))
@@ -90,7 +103,7 @@ def compute_features(store: str | Path, run_dir: str | Path, *, progress: bool =
     run.check_scene(scene)
     cfg = run.config().features
     model, schedule, ckpt = run.load_denoiser()
-    spec = feature_spec(cfg, state_hash(ckpt["model"]), model.config.tile_multiple)
+    spec = feature_spec(cfg, model, state_hash(ckpt["model"]), scene.modality_names)
     channels = spec.channels(model)
     grid = spec.grid(*scene.shape)
     batch_size = batch_size or cfg.batch_size
