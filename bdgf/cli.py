@@ -234,11 +234,13 @@ def evaluate(
     run: Path = typer.Option(..., "--run", help="Run directory with trained classifiers."),
     split: str = typer.Option("test", help="Split to score."),
     seeds: Optional[str] = typer.Option(None, help="Seeds to score (default: every trained seed)."),
+    absent: Optional[str] = typer.Option(None, "--absent", help="Classify without this modality (e.g. lidar), "
+                                         "as for a scene that lacks it."),
 ) -> None:
     """Score the trained classifiers: OA, AA, kappa, per class, per branch; metrics.json + map PNG."""
     from bdgf.engine.classify import evaluate as run_evaluate
 
-    typer.echo(run_evaluate(store, run, split=split, seeds=_seeds(seeds)).text())
+    typer.echo(run_evaluate(store, run, split=split, seeds=_seeds(seeds), absent=absent).text())
 
 
 @command()

@@ -1,4 +1,4 @@
-"""The inference graph: a tile in, class probabilities for every pixel of its centre out.
+"""The inference graph: a window in, class probabilities for every pixel of its centre tile out.
 
 One module holds the frozen denoiser and the classifier, so it exports as one graph (torch.export,
 ONNX). It has no data-dependent Python control flow: shapes are fixed by the tile size, the halo,
@@ -7,65 +7,80 @@ the patch size and the number of timesteps.
 Glossary (letters as in docs/glossary.md)
     B   tiles in a batch          C   input bands (all modalities)
     T   output tile side          P   patch side (odd), r = P // 2
-    h   halo (>= r)               S   T + 2h, the window side the denoiser sees
+    h   halo (>= R + r)           S   T + 2h, the window side the denoiser sees
     n   timesteps × draws         K   classes
+    M   modalities                R   the denoiser's receptive radius
 
-Noise comes in as an input (B, n, C, S, S), made by ``bdgf.diffusion.features.tile_noise``
-outside the graph, so exported and eager paths see exactly the same noise. The noising is the
-schedule's formula (``bdgf.diffusion.schedules.mix``) with the coefficients of the feature
-timesteps held as buffers; cropping is the tiler's.
+Inputs: the normalised window (B, C, S, S) with NaN where a pixel is nodata; the noise
+(B, n, C, S, S), made by ``bdgf.diffusion.features.tile_noise`` outside the graph so exported and
+eager paths see the same noise; and the presence flags (B, M) (1 = the modality is in the
+request; 0 = absent: its channels are replaced by the denoiser's mask embedding, as in masked
+pretraining, and the classifier sees it as unavailable, ``bdgf.models.inputs``).
 
-At the scene border the training patches reflect-pad the *features*; here the denoiser sees a
-reflect-padded *input*. The two agree away from the border (>= h + r pixels in).
+Exactness: the halo covers the denoiser's receptive radius R plus the patch radius r, so the
+features of every pixel a patch reads (the tile and a ring of r around it) are exactly the
+cached ones (``bdgf.diffusion.features``: tile invariance), and the classifier runs densely over
+the tile (``BDGFClassifier.predict_dense``), equal to running it on each pixel's patch.
+
+Output: probabilities (B, K, T, T); a nodata pixel gets all zeros (zero confidence), which
+:func:`class_map` turns into class 0 = nodata.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bdgf.diffusion.features import FeatureSpec, level_maps
-from bdgf.diffusion.schedules import NoiseSchedule, mix
+from bdgf.diffusion.features import FeatureSpec, check_window, level_maps
+from bdgf.diffusion.schedules import NoiseSchedule
 from bdgf.diffusion.unet import DenoiserUNet
 from bdgf.models.classifier import BDGFClassifier
+from bdgf.models.inputs import classifier_input
 from bdgf.tiler import crop
+from kernels.dispatch import noise_and_mask
 
 
 class TileClassifier(nn.Module):
-    """forward(window (B, C, S, S), noise (B, n, C, S, S)) -> probs (B, K, T, T)."""
+    """forward(window (B, C, S, S), noise (B, n, C, S, S), present (B, M) | None) -> probs (B, K, T, T)."""
 
     def __init__(self, denoiser: DenoiserUNet, schedule: NoiseSchedule, classifier: BDGFClassifier,
-                 spec: FeatureSpec, tile_size: int):
+                 spec: FeatureSpec, channel_modality):
         super().__init__()
         P = classifier.config.patch_size
         self.r = P // 2
-        if spec.halo < self.r:
-            raise ValueError(f"halo {spec.halo} must be >= patch_size // 2 = {self.r}")
+        check_window(denoiser, spec.halo, spec.tile_size, need=denoiser.receptive_radius + self.r)
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.classifier = classifier.eval()
-        self.T, self.h, self.P = tile_size, spec.halo, P
-        self.S = tile_size + 2 * spec.halo
+        self.T, self.h, self.P = spec.tile_size, spec.halo, P
+        self.S = spec.tile_size + 2 * spec.halo
+        self.M = denoiser.config.num_modalities
         steps = [int(t) for t in spec.timesteps for _ in range(spec.draws)]
         sa, s1 = schedule.coefficients(torch.tensor(steps, dtype=torch.int64))
         self.register_buffer("steps", torch.tensor(steps, dtype=torch.int64), persistent=False)
         self.register_buffer("sqrt_ab", sa.float(), persistent=False)
         self.register_buffer("sqrt_1mab", s1.float(), persistent=False)
+        self.register_buffer("channel_modality", torch.as_tensor(channel_modality, dtype=torch.int64),
+                             persistent=False)
         self.n_t, self.draws, self.reduce = len(spec.timesteps), spec.draws, spec.reduce
 
     @property
     def num_noise(self) -> int:
         return int(self.steps.numel())
 
-    def features(self, window: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """window (B, C, S, S), noise (B, n, C, S, S) -> {level: (B, F, S, S)} as cached in stores."""
+    def features(self, window: torch.Tensor, noise: torch.Tensor, present: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """window (B, C, S, S) with nodata as 0, noise (B, n, C, S, S), present (B, M) ->
+        {level: (B, F, S, S)}, equal to the cached features wherever they are exact (>= R from the
+        window's edge)."""
         B, C, S, _ = window.shape
         n = self.num_noise
-        x0 = window[:, None].expand(B, n, C, S, S)
-        x_t = mix(x0, noise, self.sqrt_ab.view(1, n).expand(B, n), self.sqrt_1mab.view(1, n).expand(B, n))
-        t = self.steps.repeat(B)
-        present = window.new_ones(B * n, self.denoiser.config.num_modalities)
-        _, feats = self.denoiser.forward_with_features(x_t.reshape(B * n, C, S, S), t, present)
+        if present is None:
+            present = window.new_ones(B, self.M)
+        pres = present.repeat_interleave(n, dim=0)  # (B*n, M)
+        x_t = noise_and_mask(window.repeat_interleave(n, dim=0), noise.reshape(B * n, C, S, S),
+                             self.sqrt_ab.repeat(B), self.sqrt_1mab.repeat(B), pres,
+                             self.denoiser.mask_embedding, self.channel_modality)
+        _, feats = self.denoiser.forward_with_features(x_t, self.steps.repeat(B), pres)
         out = {}
         for name, f in level_maps(feats, S).items():
             Fc = f.shape[1]
@@ -73,20 +88,23 @@ class TileClassifier(nn.Module):
             out[name] = f.reshape(B, self.n_t * Fc, S, S) if self.reduce == "concat" else f.mean(1)
         return out
 
-    def _patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Ch, S, S) -> (B*T*T, Ch, P, P): the P×P patch around every centre pixel."""
-        B, Ch = x.shape[:2]
-        x = crop(x, self.h - self.r, self.T + 2 * self.r)
-        cols = F.unfold(x, kernel_size=self.P)  # (B, Ch*P*P, T*T)
-        return cols.transpose(1, 2).reshape(B * self.T * self.T, Ch, self.P, self.P)
-
-    def forward(self, window: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, window: torch.Tensor, noise: torch.Tensor, present: torch.Tensor | None = None
+                ) -> torch.Tensor:
         B = window.shape[0]
-        feats = self.features(window, noise)
-        probs = self.classifier.predict(
-            self._patches(window), self._patches(feats["low"]), self._patches(feats["mid"]),
-            self._patches(feats["high"]),
-        )  # (B*T*T, K)
-        K = probs.shape[-1]
-        return probs.reshape(B, self.T, self.T, K).permute(0, 3, 1, 2)
+        if present is None:
+            present = window.new_ones(B, self.M)
+        valid = torch.isfinite(window).all(dim=1)  # (B, S, S)
+        clean = torch.where(valid[:, None], window, torch.zeros_like(window))
+        feats = self.features(clean, noise, present)
+        size = self.T + 2 * self.r
+        region = crop(classifier_input(clean, valid, present, self.channel_modality), self.h - self.r, size)
+        probs = self.classifier.predict_dense(
+            region, *(crop(feats[name], self.h - self.r, size) for name in ("low", "mid", "high")))
+        return probs * crop(valid, self.h, self.T)[:, None].to(probs.dtype)  # (B, K, T, T), 0 at nodata
 
+
+def class_map(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs (B, K, T, T) -> (classes (B, T, T) int64 with 0 = nodata and 1..K the classes as in
+    the store's labels, confidence (B, T, T) = the top probability, 0 at nodata)."""
+    conf, idx = probs.max(dim=1)
+    return torch.where(conf > 0, idx + 1, torch.zeros_like(idx)), conf

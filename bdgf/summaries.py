@@ -93,12 +93,14 @@ class EvalSummary(_Record):
     kappa: dict[str, float]
     branches: dict[str, dict[str, dict[str, float]]]  # branch -> metric -> {"mean", "std"}
     per_seed: dict[str, dict] = field(default_factory=dict)  # seed -> full classification report
+    absent: str | None = None  # the modality classified without, if any
 
     def text(self) -> str:
         def ms(d: dict) -> str:
             return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
 
-        lines = [f"{self.split} over seeds {self.seeds}: OA {ms(self.oa)}  AA {ms(self.aa)}  kappa {ms(self.kappa)}"]
+        without = f" without {self.absent}" if self.absent else ""
+        lines = [f"{self.split}{without} over seeds {self.seeds}: OA {ms(self.oa)}  AA {ms(self.aa)}  kappa {ms(self.kappa)}"]
         for b, d in self.branches.items():
             lines.append(f"  {b:<12} OA {ms(d['oa'])}  AA {ms(d['aa'])}  kappa {ms(d['kappa'])}")
         return "\n".join(lines)

@@ -89,12 +89,17 @@ def crop(x, halo: int, size: int):
     return x[..., halo : halo + size, halo : halo + size]
 
 
-def read_windows(scene, grid: TileGrid, origins: Sequence[Sequence[int]]) -> np.ndarray:
-    """(B, C, S, S) float32 normalised windows of the given tiles (reflect-padded past the grid)."""
+def read_windows(scene, grid: TileGrid, origins: Sequence[Sequence[int]], nodata: float = 0.0) -> np.ndarray:
+    """(B, C, S, S) float32 normalised windows of the given tiles (reflect-padded past the grid);
+    invalid pixels hold ``nodata`` (0, the band mean, for the denoiser; NaN for the inference
+    graph, which finds nodata that way)."""
     out = []
     for o in origins:
         r0, c0, S = grid.window(o)
-        out.append(scene.read_window(r0, c0, S, S, concat=True))
+        w = scene.read_window(r0, c0, S, S, concat=True)
+        if nodata != 0.0:
+            w[:, ~scene.read_valid_window(r0, c0, S, S)] = nodata
+        out.append(w)
     return np.stack(out)
 
 

@@ -26,12 +26,13 @@ from bdgf.data import feature_cache
 from bdgf.data.patches import PatchDataset
 from bdgf.data.scene import Scene
 from bdgf.data.stores import open_stores
-from bdgf.diffusion.features import LEVELS
+from bdgf.diffusion.features import LEVELS, feature_name
 from bdgf.engine.loop import LocalContext, check_finite
 from bdgf.errors import BDGFError
 from bdgf.losses import MutualLearningConfig, MutualLearningLoss
 from bdgf.metrics import classification_report
 from bdgf.models.classifier import BDGFClassifier, ClassifierConfig
+from bdgf.models.inputs import classifier_input, input_channels
 from bdgf.progress import Progress
 from bdgf.run import Run, read_checkpoint, read_jsonl
 from bdgf.summaries import EvalSummary, TrainSummary
@@ -63,24 +64,68 @@ class JointModule(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _inputs(batch: dict, device) -> tuple[torch.Tensor, ...]:
-    return tuple(batch[k].to(device) for k in ("patch", *LEVELS))
+class ModalityView:
+    """What the classifier sees of a batch when some modalities are absent.
+
+    ``inputs(batch, absent)`` -> (x (B, C + M, P, P), low, mid, high): ``absent`` (B,) int64 is
+    the modality index missing from each sample (-1: none); its bands are zeroed and marked
+    unavailable (:func:`bdgf.models.inputs.classifier_input`, with the patch's nodata) and its
+    features are the cached ones computed without it. ``draw`` samples ``absent`` for modality
+    dropout."""
+
+    def __init__(self, modalities: list[str], channel_modality, dropout: float = 0.0, seed: int = 0):
+        self.modalities = list(modalities)
+        self.channel_modality = torch.as_tensor(channel_modality, dtype=torch.int64)
+        self.dropout = float(dropout) if len(self.modalities) > 1 else 0.0
+        self.generator = torch.Generator().manual_seed(int(seed) + 7_777)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The cached arrays a loader must read: the levels, and their variants when dropping."""
+        absent = self.modalities if self.dropout > 0 else []
+        return tuple(feature_name(level, m) for m in (None, *absent) for level in LEVELS)
+
+    def draw(self, batch_size: int) -> torch.Tensor:
+        drop = torch.rand(batch_size, generator=self.generator) < self.dropout
+        which = torch.randint(0, len(self.modalities), (batch_size,), generator=self.generator)
+        return torch.where(drop, which, torch.full_like(which, -1))
+
+    def inputs(self, batch: dict, device, absent: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        B, M = batch["patch"].shape[0], len(self.modalities)
+        absent = torch.full((B,), -1, dtype=torch.int64) if absent is None else absent
+        present = torch.ones(B, M)
+        rows = torch.nonzero(absent >= 0).flatten()
+        present[rows, absent[rows]] = 0.0
+        x = classifier_input(batch["patch"], batch["valid"], present, self.channel_modality)
+        feats = []
+        for level in LEVELS:
+            f = batch[level]
+            for m, name in enumerate(self.modalities):
+                sel = absent == m
+                if bool(sel.any()):
+                    f = torch.where(sel[:, None, None, None], batch[feature_name(level, name)], f)
+            feats.append(f.to(device))
+        return (x.to(device), *feats)
 
 
-def classifier_step(model, criterion, batch: dict, device="cpu") -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward + mutual-learning loss of one batch -> (loss, logs with every term)."""
-    out = model(*_inputs(batch, device))
+def classifier_step(model, criterion, batch: dict, view: ModalityView, device="cpu"
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward + mutual-learning loss of one batch (with modality dropout) -> (loss, logs)."""
+    out = model(*view.inputs(batch, device, view.draw(batch["patch"].shape[0])))
     loss, terms = criterion(out["logits"], out["z"], batch["label"].to(device))
     return loss, {("loss" if k == "loss" else f"term/{k}"): float(v) for k, v in terms.items()}
 
 
 @torch.no_grad()
-def predict(model, loader: Iterable[dict], device="cpu") -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """(labels (N,), ensemble probs (N, K), {branch: probs (N, K)}, coords (N, 2)) over a loader."""
+def predict(model, loader: Iterable[dict], view: ModalityView, device="cpu", absent: int = -1
+            ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(labels (N,), ensemble probs (N, K), {branch: probs (N, K)}, coords (N, 2)) over a loader;
+    ``absent``: index of a modality to classify without (-1: none)."""
     model.eval()
     ys, ps, cs, per = [], [], [], {}
     for batch in loader:
-        out = model(*_inputs(batch, device))
+        B = batch["patch"].shape[0]
+        out = model(*view.inputs(batch, device, torch.full((B,), absent, dtype=torch.int64)))
         ys.append(batch["label"].numpy())
         cs.append(batch["coords"].numpy())
         ps.append(out["probs"].float().cpu().numpy())
@@ -91,7 +136,8 @@ def predict(model, loader: Iterable[dict], device="cpu") -> tuple[np.ndarray, np
             np.concatenate(cs))
 
 
-def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs: int, start_epoch: int = 0,
+def train_epochs(model, criterion, train_loader, val_loader, stepper, view: ModalityView, *, epochs: int,
+                 start_epoch: int = 0,
                  best: dict | None = None, val_every: int = 1, patience: int = 10,
                  on_log: Callable[[dict], None] | None = None, on_best: Callable[[int, float], None] | None = None,
                  on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = False,
@@ -112,7 +158,7 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs:
                 set_epoch(epoch)
             for batch in train_loader:
                 step += 1
-                loss, logs = classifier_step(model, criterion, batch, device)
+                loss, logs = classifier_step(model, criterion, batch, view, device)
                 check_finite(loss, step, best["epoch"] or None, "train")
                 stepper.step(loss)
                 seen += int(batch["label"].shape[0])
@@ -120,7 +166,7 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs:
                     on_log({"step": step, "epoch": epoch, **logs})
             figures = {"loss": logs["loss"]}
             if epoch % val_every == 0 or epoch == epochs:
-                y, p, _, _ = predict(model, val_loader, device)
+                y, p, _, _ = predict(model, val_loader, view, device)
                 oa = float((p.argmax(1) == y).mean())
                 nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
                 dt = time.perf_counter() - t0
@@ -145,13 +191,13 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, *, epochs:
     return best
 
 
-def patch_loaders(store: str, cfg: TrainConfig, seed: int, val_split: str, *, micro_batch: int,
-                  rank: int = 0, world: int = 1):
+def patch_loaders(store: str, cfg: TrainConfig, seed: int, val_split: str, view: ModalityView, *,
+                  micro_batch: int, rank: int = 0, world: int = 1):
     """(train dataset, train loader, val loader) for this rank: a seeded, reshuffled-per-epoch
     shard of the train pixels (all of them for one process), and every val pixel."""
-    kw = dict(patch_size=cfg.patch_size, features=LEVELS)
-    train_ds = PatchDataset(store, "train", rank=rank, world_size=world, seed=seed, shuffle=True, **kw)
-    val_ds = PatchDataset(store, val_split, **kw)
+    train_ds = PatchDataset(store, "train", rank=rank, world_size=world, seed=seed, shuffle=True,
+                            patch_size=cfg.patch_size, features=view.feature_names)
+    val_ds = PatchDataset(store, val_split, patch_size=cfg.patch_size, features=LEVELS)
     g = torch.Generator().manual_seed(seed) if world == 1 else None
     train_loader = DataLoader(train_ds, batch_size=micro_batch, shuffle=world == 1, generator=g,
                               num_workers=cfg.num_workers, drop_last=len(train_ds) > micro_batch)
@@ -175,10 +221,12 @@ def train_body(job: dict, ctx) -> None:
     seed = int(job["seed"])
     scene = open_stores([job["store"]], where=ctx.where)[0]
     torch.manual_seed(seed)
-    train_ds, train_loader, val_loader = patch_loaders(job["store"], tc, seed, job["val_split"],
+    view = ModalityView(scene.modality_names, scene.channel_modality, tc.modality_dropout, seed + 1_000 * ctx.rank)
+    train_ds, train_loader, val_loader = patch_loaders(job["store"], tc, seed, job["val_split"], view,
                                                        micro_batch=int(job["micro_batch"]), rank=ctx.rank,
                                                        world=ctx.world)
-    model, criterion = build_classifier(tc, scene.total_bands, job["feature_channels"], scene.num_classes)
+    model, criterion = build_classifier(tc, input_channels(scene.total_bands, len(scene.modality_names)),
+                                        job["feature_channels"], scene.num_classes)
     joint = JointModule(model, criterion)
     optimizer = torch.optim.AdamW(joint.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     engine, stepper = ctx.make_stepper(joint, optimizer, tc.grad_clip)
@@ -216,7 +264,7 @@ def train_body(job: dict, ctx) -> None:
                        {"stage": "train", "epoch": epoch, "signature": job["signature"]}, stepper=stepper)
 
     try:
-        train_epochs(engine, criterion, train_loader, val_loader, stepper, epochs=tc.epochs, start_epoch=done,
+        train_epochs(engine, criterion, train_loader, val_loader, stepper, view, epochs=tc.epochs, start_epoch=done,
                      best=best, val_every=tc.val_every, patience=tc.patience, on_log=on_log, on_best=on_best,
                      on_epoch_end=on_epoch_end, progress=bool(job.get("progress")), device=ctx.device,
                      set_epoch=train_ds.set_epoch)
@@ -244,11 +292,14 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
         config = config.with_overrides(overrides)
     tc = config.train
     seed = tc.seed if seed is None else int(seed)
-    feature_channels = feature_cache.ready_channels(store, LEVELS)
+    view = ModalityView(scene.modality_names, scene.channel_modality, tc.modality_dropout)
+    feature_channels = feature_cache.ready_channels(store, view.feature_names)
+    feature_channels = {level: feature_channels[level] for level in LEVELS}
     val_split = "val" if "val" in scene.splits else "train"
     if val_split == "train":
         log.warning("%s has no val split: model selection falls back to train accuracy", store)
-    model, _ = build_classifier(tc, scene.total_bands, feature_channels, scene.num_classes)  # fails early on a bad config
+    model, _ = build_classifier(tc, input_channels(scene.total_bands, len(scene.modality_names)), feature_channels,
+                                scene.num_classes)  # fails early on a bad config
     signature = {"stage": "train", "classifier_config": json.loads(json.dumps(model.config.to_dict())),
                  "seed": seed, "lr": tc.lr, "weight_decay": tc.weight_decay}
     del model
@@ -297,27 +348,39 @@ def _mean_std(values) -> dict[str, float]:
 
 
 def evaluate(store: str | Path, run_dir: str | Path, split: str = "test", seeds: list[int] | None = None,
-             write_map: bool = True) -> EvalSummary:
+             write_map: bool = True, absent: str | None = None) -> EvalSummary:
     """Score every trained seed on ``split``. Writes ``eval/metrics_<split>.json`` (per seed, per
     branch, mean ± sample std over seeds; ``metrics.json`` for test), ``eval/predictions_<split>.npz``
-    (pixel coords and every seed's ensemble probabilities) and a map PNG beside the ground truth."""
+    (pixel coords and every seed's ensemble probabilities) and a map PNG beside the ground truth.
+    ``absent``: a modality to classify without (its bands unavailable, its features the cached
+    ones computed without it); the files then end in ``_without_<modality>``."""
     scene = Scene.open(store)
     run = Run(run_dir)
     run.check_scene(scene)
     if split not in scene.splits:
         raise BDGFError(f"{store}: no split {split!r}; has {scene.splits}")
-    feature_cache.ready_channels(store, LEVELS)
+    modalities = scene.modality_names
+    if absent is not None and absent not in modalities:
+        raise BDGFError(f"--absent {absent!r}: not a modality of {store}; it has {modalities}")
+    if absent is not None and len(modalities) < 2:
+        raise BDGFError(f"--absent {absent!r}: the scene has no other modality to classify from")
+    names_needed = tuple(feature_name(level, absent) for level in LEVELS)
+    feature_cache.ready_channels(store, names_needed)
     seeds = seeds if seeds is not None else run.trained_seeds()
     if not seeds:
         raise BDGFError(f"{run.path}: no trained classifier; run `bdgf train` first")
     cfg = run.config().train
-    loader = DataLoader(PatchDataset(store, split, patch_size=cfg.patch_size, features=LEVELS), batch_size=256)
+    view = ModalityView(modalities, scene.channel_modality)
+    ds = PatchDataset(store, split, patch_size=cfg.patch_size, features=sorted(set(LEVELS + names_needed)))
+    loader = DataLoader(ds, batch_size=256)
+    which = -1 if absent is None else modalities.index(absent)
+    suffix = "" if absent is None else f"_without_{absent}"
     names = scene.class_names
     per_seed, probs = {}, {}
     coords = None
     for s in seeds:
         model = run.load_classifier(s)
-        y, p, per_branch, coords = predict(model, loader)
+        y, p, per_branch, coords = predict(model, loader, view, absent=which)
         rep = classification_report(y, p.argmax(1), names)
         rep["branches"] = {b: classification_report(y, q.argmax(1), names) for b, q in per_branch.items()}
         per_seed[s] = rep
@@ -330,18 +393,18 @@ def evaluate(store: str | Path, run_dir: str | Path, split: str = "test", seeds:
         kappa=_mean_std(per_seed[s]["kappa"] for s in seeds),
         branches={b: {k: _mean_std(per_seed[s]["branches"][b][k] for s in seeds) for k in ("oa", "aa", "kappa")}
                   for b in branches},
-        per_seed={str(k): v for k, v in per_seed.items()},
+        per_seed={str(k): v for k, v in per_seed.items()}, absent=absent,
     )
     out = run.stage_dir("eval")
-    (out / f"metrics_{split}.json").write_text(json.dumps(summary.to_dict(), indent=2))
-    if split == "test":
+    (out / f"metrics_{split}{suffix}.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    if split == "test" and absent is None:
         (out / "metrics.json").write_text(json.dumps(summary.to_dict(), indent=2))
-    np.savez_compressed(out / f"predictions_{split}.npz", coords=coords, seeds=np.asarray(seeds),
+    np.savez_compressed(out / f"predictions_{split}{suffix}.npz", coords=coords, seeds=np.asarray(seeds),
                         probs=np.stack([probs[s] for s in seeds]).astype(np.float32))
     if write_map:
         from bdgf.preview import save_preview
 
         pred_map = np.zeros(scene.shape, np.int64)
         pred_map[coords[:, 0], coords[:, 1]] = probs[seeds[0]].argmax(1) + 1
-        save_preview(scene, out / f"map_{split}.png", prediction=pred_map)
+        save_preview(scene, out / f"map_{split}{suffix}.png", prediction=pred_map)
     return summary
