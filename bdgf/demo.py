@@ -23,7 +23,6 @@ DEMO_OVERRIDES = {
     "pretrain.unet": {"base_channels": 16, "channel_mults": [1, 2, 2]},
     "pretrain.masking": {"mode": "adaptive", "warmup_steps": 30},
     "features.tile_size": 64,
-    "features.halo": 16,
     "features.timesteps": [5, 50, 150],
     "train.epochs": 25,
     "train.batch_size": 32,

@@ -67,10 +67,8 @@ def test_unknown_keys_name_their_path(overrides, path_and_text):
 
 @pytest.mark.parametrize("overrides, start", [
     # values the owners reject
-    ({"pretrain.unet.norm_groups": 5}, "overrides: pretrain.unet: level width 32 is not divisible by norm_groups=5"),
+    ({"pretrain.unet.base_channels": 15}, "overrides: pretrain.unet: base_channels must be even"),
     ({"pretrain.unet.feature_levels": [0, 1, 3]}, "overrides: pretrain.unet: feature level high=3 outside 0..2"),
-    ({"pretrain.unet.attention_heads": 3},
-     "overrides: pretrain.unet: coarsest width 64 is not divisible by attention_heads=3"),
     ({"pretrain.schedule.kind": "quadratic"}, "overrides: pretrain.schedule: schedule kind must be"),
     ({"pretrain.masking.p0": 2.0}, "overrides: pretrain.masking: need 0 <= p_min <= p0 <= p_max <= 1"),
     ({"train.model.mamba.d_model": 30}, "overrides: train.model.mamba: Mamba branch: d_model 30 is not divisible"),
@@ -91,7 +89,7 @@ def test_unknown_keys_name_their_path(overrides, path_and_text):
     ({"train.model.mamba.d_state": "8"}, "overrides: train.model.mamba.d_state must be an integer, got '8'"),
     ({"train.model.mamba.dt_rank": "auto"}, "overrides: train.model.mamba.dt_rank must be an integer or null"),
     ({"pretrain.masking.mode": 3}, "overrides: pretrain.masking.mode must be a string, got 3"),
-    ({"pretrain.unet.attention_at_coarsest": "no"}, "overrides: pretrain.unet.attention_at_coarsest must be true or false"),
+    ({"features.absent_variants": "no"}, "overrides: features.absent_variants must be true or false"),
     ({"train.mutual.tau": "1e-3"}, "overrides: train.mutual.tau must be a number, got '1e-3' (YAML reads"),
     ({"train.lr": "1e-3"}, "overrides: train.lr must be a number, got '1e-3'"),
     ({"features.timesteps": ["5"]}, "overrides: features.timesteps must be a list of integers"),
@@ -103,7 +101,12 @@ def test_unknown_keys_name_their_path(overrides, path_and_text):
                                     "train.patch_size)"),
     # one section against another
     ({"pretrain.tile_size": 30}, "overrides: pretrain.tile_size 30 must be a multiple of 4"),
-    ({"features.halo": 3}, "overrides: features.tile_size + 2*halo = 70 must be a multiple of 4"),
+    ({"features.halo": 16}, "overrides: features.halo 16 must be a multiple of 4 and at least the denoiser's "
+                            "receptive radius 28"),
+    ({"features.halo": 30}, "overrides: features.halo 30 must be a multiple of 4"),
+    ({"features.tile_size": 30}, "overrides: features.tile_size 30 must be a multiple of 4"),
+    ({"pretrain.min_valid_fraction": 1.5}, "overrides: pretrain.min_valid_fraction must be in [0, 1]"),
+    ({"train.modality_dropout": 1.0}, "overrides: train.modality_dropout must be in [0, 1)"),
 ])
 def test_bad_values_name_their_path(overrides, start):
     assert _error(overrides).startswith(start)
@@ -132,8 +135,8 @@ def test_load_names_the_file_and_path(tmp_path):
     path.write_text(yaml.safe_dump({"train": {"model": {"mamba": {"d_stat": 4}}}}))
     with pytest.raises(ConfigError, match=r"config\.yaml: train\.model\.mamba: unknown key\(s\) \['d_stat'\]"):
         RunConfig.load(path)
-    path.write_text("pretrain:\n  unet:\n    norm_groups: 5\n")
-    with pytest.raises(ConfigError, match=r"config\.yaml: pretrain\.unet: level width 32 is not divisible"):
+    path.write_text("pretrain:\n  unet:\n    base_channels: 15\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: pretrain\.unet: base_channels must be even"):
         RunConfig.load(path)
     path.write_text("train:\n  mutual:\n    tau: -1.0\n")
     with pytest.raises(ConfigError, match=r"config\.yaml: train\.mutual: tau must be > 0"):

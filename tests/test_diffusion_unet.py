@@ -1,4 +1,6 @@
-"""DenoiserUNet: shapes, decoder features, tile-size errors, conditioning on t and presence."""
+"""DenoiserUNet: shapes, decoder features, tile-size errors, conditioning on t and presence, and a
+batch of one window equal to the same window in a batch of windows (no cross-sample statistics).
+Tile invariance itself: tests/test_tile_invariance.py."""
 
 import pytest
 import torch
@@ -10,8 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: 1 thread be
 
 
 def tiny(**kw):
-    cfg = dict(in_channels=5, num_modalities=2, base_channels=16, channel_mults=(1, 2, 2),
-               attention_heads=2, norm_groups=8)
+    cfg = dict(in_channels=5, num_modalities=2, base_channels=16, channel_mults=(1, 2, 2))
     cfg.update(kw)
     torch.manual_seed(0)
     return DenoiserUNet(UNetConfig(**cfg)).eval()
@@ -58,8 +59,8 @@ def test_bad_shapes_raise():
         net(x[:, :4], t, p)
     with pytest.raises(ValueError, match="present"):
         net(x, t, torch.ones(2, 3))
-    with pytest.raises(ValueError, match="norm_groups"):
-        UNetConfig(in_channels=5, num_modalities=2, base_channels=12, norm_groups=8)
+    with pytest.raises(ValueError, match="even"):
+        UNetConfig(in_channels=5, num_modalities=2, base_channels=13)
 
 
 def test_presence_flags_and_timestep_change_output():
@@ -96,3 +97,13 @@ def test_config_is_plain_data():
     assert UNetConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
     with pytest.raises(ValueError, match="feature level"):
         UNetConfig(in_channels=5, num_modalities=2, channel_mults=(1, 2))  # no level 2 for "high"
+
+
+def test_each_window_is_computed_on_its_own():
+    """Per-pixel normalisation: a window's output does not depend on the other windows of the batch."""
+    net = tiny()
+    x, t, p = inputs()
+    with torch.no_grad():
+        together = net(x, t, p)
+        alone = net(x[1:], t[1:], p[1:])
+    torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=1e-5)

@@ -30,7 +30,7 @@ def tiny_config(**pretrain) -> RunConfig:
         "pretrain.log_every": 1, "pretrain.checkpoint_every": 12, "pretrain.unet": TINY_UNET,
         "pretrain.schedule": {"kind": "cosine", "num_timesteps": 100},
         "pretrain.masking": {"mode": "adaptive", "warmup_steps": 5},
-        "features.timesteps": [5, 50], "features.tile_size": 16, "features.halo": 8, "features.batch_size": 8,
+        "features.timesteps": [5, 50], "features.tile_size": 16, "features.batch_size": 8,
         "train.patch_size": 7, "train.batch_size": 16, "train.epochs": 2, "train.branches": ["cnn"],
     }
     over.update({f"pretrain.{k}": v for k, v in pretrain.items()})

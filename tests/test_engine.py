@@ -44,10 +44,9 @@ TINY = {
     "pretrain.batch_size": 4,
     "pretrain.tile_size": 16,
     "pretrain.checkpoint_every": 10,
-    "pretrain.unet": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_heads": 2},
+    "pretrain.unet": {"base_channels": 8, "channel_mults": [1, 2, 2]},
     "pretrain.masking": {"warmup_steps": 5},
     "features.tile_size": 16,
-    "features.halo": 8,
     "features.timesteps": [5, 100],
     "train.epochs": 25,
     "train.batch_size": 16,
@@ -123,7 +122,7 @@ def test_dense_features_cover_every_pixel_once_from_its_own_tile(tiny_run):
     store, run, _, _ = tiny_run
     scene = Scene.open(store)
     group = zarr.open_group(str(store), mode="r")["features"]
-    spec = FeatureSpec(**{**group.attrs["spec"], "timesteps": tuple(group.attrs["spec"]["timesteps"])})
+    spec = FeatureSpec.from_dict(group.attrs["spec"])
     model, schedule, _ = load_denoiser(run / "pretrain" / "denoiser.pt")
     low = group["low"][...].astype(np.float32)
     assert group["_done"][...].all()
@@ -142,9 +141,9 @@ def test_tile_features_do_not_depend_on_batch_size(tiny_run):
     store, run, _, _ = tiny_run
     scene = Scene.open(store)
     model, schedule, _ = load_denoiser(run / "pretrain" / "denoiser.pt")
-    spec = FeatureSpec("x", (5, 100), 1, 3, 16, 8, "concat")
-    origins = [(-8, -8), (8, 24), (24, 8)]
-    wins = torch.from_numpy(np.stack([scene.read_window(r, c, 32, 32, concat=True) for r, c in origins]))
+    spec = FeatureSpec("x", (5, 100), 1, 3, 16, 28, "concat")
+    origins = [(-28, -28), (-12, 4), (4, -12)]
+    wins = torch.from_numpy(np.stack([scene.read_window(r, c, 72, 72, concat=True) for r, c in origins]))
     together = tile_features(model, schedule, wins, origins, spec)
     for i, o in enumerate(origins):
         alone = tile_features(model, schedule, wins[i : i + 1], [o], spec)
@@ -167,7 +166,7 @@ def _extract_half(args):
 
     model, schedule, ckpt = load_denoiser(run / "pretrain" / "denoiser.pt")
     group = zarr.open_group(str(store), mode="r")["features"]
-    spec = FeatureSpec(**{**group.attrs["spec"], "timesteps": tuple(group.attrs["spec"]["timesteps"])})
+    spec = FeatureSpec.from_dict(group.attrs["spec"])
     tiles = feature_tiles(Scene.open(store), spec)
     return extract_tiles(store, model, schedule, spec, tiles[half::2], batch_size=1 + half)
 
@@ -181,7 +180,7 @@ def test_two_worker_processes_write_the_same_features_as_one(tiny_run, tmp_path)
     root = zarr.open_group(str(copy), mode="r+")
     spec_attrs = dict(root["features"].attrs["spec"])
     del root["features"]
-    spec = FeatureSpec(**{**spec_attrs, "timesteps": tuple(spec_attrs["timesteps"])})
+    spec = FeatureSpec.from_dict(spec_attrs)
     model, _, _ = load_denoiser(run / "pretrain" / "denoiser.pt")
     prepare_store(copy, Scene.open(copy), spec, spec.channels(model))
     with ProcessPoolExecutor(2) as pool:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def graph(one_thread):
     torch.manual_seed(0)
-    denoiser = DenoiserUNet(UNetConfig(C, M, base_channels=8, channel_mults=(1, 2, 2), attention_heads=2))
+    denoiser = DenoiserUNet(UNetConfig(C, M, base_channels=8, channel_mults=(1, 2, 2)))
     fc = {k: v * len(SPEC.timesteps) for k, v in denoiser.feature_channels.items()}
     classifier = BDGFClassifier(ClassifierConfig.from_dict({
         "in_channels": C, "feature_channels": fc, "num_classes": K, "patch_size": P,
