@@ -7,9 +7,9 @@ the patch size and the number of timesteps.
 Glossary (letters as in docs/glossary.md)
     B   tiles in a batch          C   input bands (all modalities)
     T   output tile side          P   patch side (odd), r = P // 2
-    h   halo (>= R + r)           S   T + 2h, the window side the denoiser sees
+    h   halo (>= Rf + r)          S   T + 2h, the window side the denoiser sees
     n   timesteps × draws         K   classes
-    M   modalities                R   the denoiser's receptive radius
+    M   modalities                Rf  the denoiser's receptive radius
 
 Inputs: the normalised window (B, C, S, S) with NaN where a pixel is nodata; the noise
 (B, n, C, S, S), made by ``bdgf.diffusion.features.tile_noise`` outside the graph so exported and
@@ -17,7 +17,7 @@ eager paths see the same noise; and the presence flags (B, M) (1 = the modality 
 request; 0 = absent: its channels are replaced by the denoiser's mask embedding, as in masked
 pretraining, and the classifier sees it as unavailable, ``bdgf.models.inputs``).
 
-Exactness: the halo covers the denoiser's receptive radius R plus the patch radius r, so the
+Exactness: the halo covers the denoiser's receptive radius Rf plus the patch radius r, so the
 features of every pixel a patch reads (the tile and a ring of r around it) are exactly the
 cached ones (``bdgf.diffusion.features``: tile invariance), and the classifier runs densely over
 the tile (``BDGFClassifier.predict_dense``), equal to running it on each pixel's patch.
@@ -70,7 +70,7 @@ class TileClassifier(nn.Module):
     def features(self, window: torch.Tensor, noise: torch.Tensor, present: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
         """window (B, C, S, S) with nodata as 0, noise (B, n, C, S, S), present (B, M) ->
-        {level: (B, F, S, S)}, equal to the cached features wherever they are exact (>= R from the
+        {level: (B, F, S, S)}, equal to the cached features wherever they are exact (>= Rf from the
         window's edge)."""
         B, C, S, _ = window.shape
         n = self.num_noise

@@ -7,9 +7,9 @@ the same features), passed once through the UNet, and the decoder activations at
 are upsampled to the window and cropped to the tile. One UNet pass serves every pixel of a tile;
 never one pass per classified pixel.
 
-Tile invariance: the denoiser is local (``DenoiserUNet.receptive_radius`` R), so a feature pixel
+Tile invariance: the denoiser is local (``DenoiserUNet.receptive_radius`` Rf), so a feature pixel
 is a function of the scene (and the position-keyed noise) alone, whatever tile it was computed
-in, provided the window reaches R past it and the window's corner is on the UNet's stride phase
+in, provided the window reaches Rf past it and the window's corner is on the UNet's stride phase
 in scene coordinates (a multiple of m = ``tile_multiple``). :func:`aligned_halo` gives the
 least halo that does both for tiles whose origins are multiples of m; :func:`check_window`
 refuses windows that do not; :func:`region_features` computes any rectangle, at any offset, by
@@ -21,6 +21,7 @@ Glossary (letters as in docs/glossary.md)
     T   tile side                            h   halo
     S   T + 2h, the window side              F   stored channels of a level
     n_t timesteps                            n   n_t × draws noise inputs
+    M   modalities                           Rf  the denoiser's receptive radius
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def aligned_halo(radius: int, multiple: int) -> int:
 
 def check_window(model: DenoiserUNet, halo: int, tile_size: int, need: int | None = None) -> None:
     """ValueError unless tiles of ``tile_size`` seen with ``halo`` give tile-invariant features:
-    halo >= ``need`` (default the model's receptive radius R) and tile_size and halo multiples of
+    halo >= ``need`` (default the model's receptive radius Rf) and tile_size and halo multiples of
     the stride phase m (so every window corner is on the phase in scene coordinates)."""
     R, m = model.receptive_radius, model.config.tile_multiple
     need = R if need is None else need
@@ -171,7 +172,7 @@ def window_features(model: DenoiserUNet, schedule: NoiseSchedule, windows: torch
                     present: torch.Tensor | None = None, channel_modality: torch.Tensor | None = None
                     ) -> dict[str, torch.Tensor]:
     """windows (B, C, S, S) clean normalised, ``corners`` their global top-left (row, col), on the
-    stride phase -> {level: (B, F, S, S)} float32 over the whole window (exact only at least R
+    stride phase -> {level: (B, F, S, S)} float32 over the whole window (exact only at least Rf
     from its edges). Noise, timesteps, draws and reduction from ``spec``. ``present`` (M,) 0/1
     (default all 1) with ``channel_modality`` (C,): an absent modality's channels are replaced
     by the mask embedding and its presence flag is 0, as in masked pretraining."""
@@ -225,7 +226,7 @@ def region_features(model: DenoiserUNet, schedule: NoiseSchedule, read, spec: Fe
     """{level: (F, rows, cols)} features of any rectangle of the scene, at any offset.
 
     ``read(r0, c0, h, w)`` returns the normalised (C, h, w) scene there (reflect-padded past the
-    grid, as ``Scene.read_window``). The rectangle is widened by at least R on every side to a
+    grid, as ``Scene.read_window``). The rectangle is widened by at least Rf on every side to a
     square window whose corner and side are on the stride phase, computed once, and cropped back;
     the result equals the cached features at those pixels (tile invariance)."""
     R, m = model.receptive_radius, model.config.tile_multiple

@@ -12,7 +12,7 @@ Glossary (letters as in docs/glossary.md)
     F_i    channels at level i = base_channels * channel_mults[i]
     F_low, F_mid, F_high   channels of the three feature levels (F_i at ``feature_levels``)
     D_emb  embedding width (time + presence) = base_channels * embed_mult (the variable ``E``)
-    R      receptive radius in input pixels (``receptive_radius``)
+    Rf     receptive radius in input pixels (``receptive_radius``)
     t      diffusion timestep of each sample, (B,)
 
 Layout
@@ -28,13 +28,13 @@ Layout
 Tile invariance. Every operation is local: convolutions, per-pixel normalisation (LayerNorm over
 channels at each position, ``ChannelNorm``), and nothing whose statistics span the window (no
 GroupNorm, no global attention). So the output at a pixel depends only on the input within
-``receptive_radius`` pixels of it, and a window whose top-left corner is on the stride phase
-(a multiple of 2^(n_lev - 1) in scene coordinates) computes, for every pixel at least R from
+``receptive_radius`` (Rf) pixels of it, and a window whose top-left corner is on the stride phase
+(a multiple of 2^(n_lev - 1) in scene coordinates) computes, for every pixel at least Rf from
 its edges, exactly what any other such window computes there. ``bdgf.diffusion.features`` cuts
 windows that way; the feature halo defaults to R and a smaller one is refused.
 
 Each ResBlock has one 3×3 and one 1×1 convolution (and the middle is one block) to keep R, and
-with it the halo every tile pays, small: R = 28 px for the default three levels.
+with it the halo every tile pays, small: Rf = 28 px for the default three levels.
 
 The embedding ``emb`` (B, D_emb) = MLP(sinusoidal(t)) + MLP(presence flags); every ResBlock adds a
 projection of it to its feature map. The learned ``mask_embedding`` (C,) is owned here and is what

@@ -2,7 +2,9 @@
 
 Glossary (letters as in docs/glossary.md)
     B   batch (patches or windows)        C   input bands, all modalities concatenated
-    M   modalities                        h, w   rows and columns of the patch or window
+    M   modalities
+
+The sides of the patch or window are written ``rows, cols``.
 
 A pixel can lack data in two ways: it is nodata in the scene (``valid`` False: NaN, nodata
 value, outside the sensor's swath), or a whole modality is absent from the request
@@ -20,11 +22,11 @@ import torch
 
 def classifier_input(x: torch.Tensor, valid: torch.Tensor, present: torch.Tensor,
                      channel_modality: torch.Tensor) -> torch.Tensor:
-    """x (B, C, h, w) normalised bands, valid (B, h, w) bool or 0/1, present (B, M) 0/1,
-    channel_modality (C,) int64 modality of each band -> (B, C + M, h, w):
-    [x where its modality is available else 0 ; availability a (B, M, h, w)]."""
-    avail = valid[:, None].to(x.dtype) * present[:, :, None, None].to(x.dtype)  # (B, M, h, w)
-    keep = avail.index_select(1, channel_modality.to(torch.long))  # (B, C, h, w)
+    """x (B, C, rows, cols) normalised bands, valid (B, rows, cols) bool or 0/1, present (B, M) 0/1,
+    channel_modality (C,) int64 modality of each band -> (B, C + M, rows, cols):
+    [x where its modality is available else 0 ; availability a (B, M, rows, cols)]."""
+    avail = valid[:, None].to(x.dtype) * present[:, :, None, None].to(x.dtype)  # (B, M, rows, cols)
+    keep = avail.index_select(1, channel_modality.to(torch.long))  # (B, C, rows, cols)
     return torch.cat([torch.where(keep > 0, x, torch.zeros_like(x)), avail], dim=1)
 
 
