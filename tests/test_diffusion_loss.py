@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bdgf.diffusion.loss import balanced_loss, concat_mse
+from bdgf.diffusion.loss import balanced_loss, concat_mse, per_modality_mse, valid_row_scale
 
 HSI, LIDAR = 144, 1
 CHANNEL_MODALITY = torch.tensor([0] * HSI + [1] * LIDAR)
@@ -58,3 +58,51 @@ def test_balanced_weighs_one_band_like_144_bands_through_kernel():
     lb = balanced_loss(dispatch.balanced_mse(*b, CHANNEL_MODALITY, 2))
     assert la.item() == pytest.approx(lb.item())
     assert concat_mse(*a).item() == pytest.approx(144 * concat_mse(*b).item())
+
+
+def _valid_case(seed=0):
+    """Random pred/target (3, 145, 4, 4) and a validity mask: row 0 all valid, row 1 five valid
+    pixels, row 2 none."""
+    g = torch.Generator().manual_seed(seed)
+    pred, target = torch.randn(3, HSI + LIDAR, 4, 4, generator=g), torch.randn(3, HSI + LIDAR, 4, 4, generator=g)
+    valid = torch.zeros(3, 4, 4, dtype=torch.bool)
+    valid[0] = True
+    valid[1].view(-1)[[0, 3, 6, 9, 15]] = True
+    return pred, target, valid
+
+
+def test_per_modality_mse_with_valid_is_the_mean_over_valid_pixels():
+    pred, target, valid = _valid_case()
+    per_mod = per_modality_mse(pred, target, CHANNEL_MODALITY, 2, valid)
+    for b in range(2):
+        v = valid[b]
+        err = (pred[b] - target[b])[:, v] ** 2  # (C, n_valid)
+        expected = torch.stack([err[:HSI].mean(), err[HSI:].mean()])
+        torch.testing.assert_close(per_mod[b], expected)
+    assert per_mod[2].tolist() == [0.0, 0.0]  # no valid pixel: weight 0
+    # without a mask: the plain kernel value; with an all-valid mask: the same
+    full = per_modality_mse(pred, target, CHANNEL_MODALITY, 2)
+    torch.testing.assert_close(per_modality_mse(pred, target, CHANNEL_MODALITY, 2, torch.ones(3, 4, 4)), full)
+    with pytest.raises(ValueError, match="valid"):
+        per_modality_mse(pred, target, CHANNEL_MODALITY, 2, valid[:, :3])
+
+
+def test_losses_ignore_whatever_sits_in_invalid_pixels():
+    pred, target, valid = _valid_case()
+    junk_pred, junk_target = pred.clone(), target.clone()
+    for b in (1, 2):
+        junk_pred[b][:, ~valid[b]] = 1e6
+        junk_target[b][:, ~valid[b]] = -3e5
+    assert torch.equal(per_modality_mse(junk_pred, junk_target, CHANNEL_MODALITY, 2, valid),
+                       per_modality_mse(pred, target, CHANNEL_MODALITY, 2, valid))
+    assert concat_mse(junk_pred, junk_target, valid).item() == concat_mse(pred, target, valid).item()
+
+
+def test_concat_mse_with_valid_averages_rows_over_their_valid_pixels():
+    pred, target, valid = _valid_case(1)
+    rows = [((pred[b] - target[b])[:, valid[b]] ** 2).mean() for b in range(2)]
+    expected = (rows[0] + rows[1] + 0.0) / 3  # the row without a valid pixel weighs 0
+    assert concat_mse(pred, target, valid).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert concat_mse(pred, target, torch.ones(3, 4, 4)).item() == pytest.approx(concat_mse(pred, target).item(),
+                                                                                  rel=1e-6)
+    assert valid_row_scale(valid).tolist() == pytest.approx([1.0, 16 / 5, 0.0])
