@@ -34,9 +34,12 @@ class ConfigError(BDGFError, ValueError):
 class PretrainConfig:
     """Stage 1: balanced multimodal DDPM on random tiles of the scene."""
 
-    tile_size: int = 32
-    batch_size: int = 16
-    steps: int = 400
+    # Defaults for a real benchmark scene (Houston2013-sized); `bdgf demo` overrides them small.
+    # 64-px tiles so that the centre of a tile is farther than the receptive radius (28 px) from
+    # its zero-padded edges, as every pixel is when features are extracted with a halo.
+    tile_size: int = 64
+    batch_size: int = 8
+    steps: int = 2000
     lr: float = 2e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -77,13 +80,17 @@ class TrainConfig:
 
     patch_size: int = 11
     batch_size: int = 64
-    epochs: int = 30
+    epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     branches: list = field(default_factory=lambda: ["cnn", "mamba", "transformer"])
     val_every: int = 1  # epochs
-    patience: int = 10  # epochs without val improvement before stopping
+    patience: int = 20  # epochs without val improvement before stopping
+    # Which epoch's classifier is kept: "val" (best val OA, ties to lower val NLL, early stopping)
+    # or "last" (a fixed schedule: every epoch runs and the last one is kept; the protocol for
+    # training on a whole official train split with no val carved from it).
+    selection: str = "val"
     seed: int = 0
     num_workers: int = 0
     # Share of training patches that see one modality (drawn uniformly) as absent: its bands
@@ -177,6 +184,8 @@ class RunConfig:
         known = {"cnn", "mamba", "transformer"}
         if not t.branches or set(t.branches) - known or len(set(t.branches)) != len(t.branches):
             raise ConfigError(f"{where}: train.branches must be a non-empty subset of {sorted(known)}, got {t.branches}")
+        if t.selection not in ("val", "last"):
+            raise ConfigError(f"{where}: train.selection must be 'val' or 'last', got {t.selection!r}")
         if not 0.0 <= t.modality_dropout < 1.0:
             raise ConfigError(f"{where}: train.modality_dropout must be in [0, 1), got {t.modality_dropout}")
         if t.num_workers < 0:

@@ -138,15 +138,16 @@ def predict(model, loader: Iterable[dict], view: ModalityView, device="cpu", abs
 
 def train_epochs(model, criterion, train_loader, val_loader, stepper, view: ModalityView, *, epochs: int,
                  start_epoch: int = 0,
-                 best: dict | None = None, val_every: int = 1, patience: int = 10,
+                 best: dict | None = None, val_every: int = 1, patience: int = 10, keep_last: bool = False,
                  on_log: Callable[[dict], None] | None = None, on_best: Callable[[int, float], None] | None = None,
                  on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = False,
                  device="cpu", set_epoch: Callable[[int], None] | None = None) -> dict:
     """Train epochs ``start_epoch+1 .. epochs``; after every ``val_every`` epochs score val and
     call ``on_best(epoch, oa)`` when it improves (higher OA; a tie, common on small val splits,
     goes to the lower val NLL); ``on_epoch_end(epoch, best)`` after each epoch. Stops after
-    ``patience`` epochs without improvement. NaN loss stops with TrainingDiverged (the best
-    checkpoint so far is kept). Returns the best {"epoch", "val_oa", "val_nll"}."""
+    ``patience`` epochs without improvement. ``keep_last``: a fixed schedule instead (every epoch
+    runs, each scored epoch replaces the kept one). NaN loss stops with TrainingDiverged (the best
+    checkpoint so far is kept). Returns the kept {"epoch", "val_oa", "val_nll"}."""
     best = dict(best) if best else {"epoch": 0, "val_oa": -1.0, "val_nll": float("inf")}
     step, since_best = 0, 0
     bar = Progress(epochs, "train", "epoch", initial=start_epoch, enabled=progress)
@@ -174,7 +175,7 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, view: Moda
                     on_log({"epoch": epoch, "val_oa": oa, "val_nll": nll, "patches_per_s": seen / max(dt, 1e-9)})
                 t0, seen = time.perf_counter(), 0
                 figures.update(val_oa=oa, val_nll=nll)
-                if oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"]):
+                if keep_last or oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"]):
                     best = {"epoch": epoch, "val_oa": oa, "val_nll": nll}
                     since_best = 0
                     if on_best is not None:
@@ -265,7 +266,8 @@ def train_body(job: dict, ctx) -> None:
 
     try:
         train_epochs(engine, criterion, train_loader, val_loader, stepper, view, epochs=tc.epochs, start_epoch=done,
-                     best=best, val_every=tc.val_every, patience=tc.patience, on_log=on_log, on_best=on_best,
+                     best=best, val_every=tc.val_every, patience=tc.patience, keep_last=tc.selection == "last",
+                     on_log=on_log, on_best=on_best,
                      on_epoch_end=on_epoch_end, progress=bool(job.get("progress")), device=ctx.device,
                      set_epoch=train_ds.set_epoch)
     finally:
@@ -296,8 +298,9 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
     feature_channels = feature_cache.ready_channels(store, view.feature_names)
     feature_channels = {level: feature_channels[level] for level in LEVELS}
     val_split = "val" if "val" in scene.splits else "train"
-    if val_split == "train":
-        log.warning("%s has no val split: model selection falls back to train accuracy", store)
+    if val_split == "train" and tc.selection == "val":
+        log.warning("%s has no val split: model selection falls back to train accuracy "
+                    "(set train.selection: last for a fixed schedule)", store)
     model, _ = build_classifier(tc, input_channels(scene.total_bands, len(scene.modality_names)), feature_channels,
                                 scene.num_classes)  # fails early on a bad config
     signature = {"stage": "train", "classifier_config": json.loads(json.dumps(model.config.to_dict())),
