@@ -273,5 +273,15 @@ def test_config_errors():
     mk = AdaptiveModalityMasking(2)
     with pytest.raises(ValueError, match="pair_masked"):
         mk.update(torch.ones(4, 2), torch.ones(4, 3))
-    with pytest.raises(ValueError, match="NaN"):
-        mk.update(torch.tensor([[math.inf, 0.0]]), torch.tensor([[1.0, 0.0]]))
+
+
+def test_non_finite_ratios_are_left_out():
+    # a diverged model gives NaN/inf losses: those pairs are skipped, the statistics stay finite
+    mk = AdaptiveModalityMasking(2, warmup_steps=0)
+    e0 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    mk.update(torch.tensor([[0.2, 0.0], [math.nan, 0.0], [0.4, 0.0]]), e0)
+    mk.update(torch.tensor([[math.inf, 0.0], [0.3, 0.0], [-math.inf, 0.0]]), e0)
+    ref = AdaptiveModalityMasking(2, warmup_steps=0)
+    ref.update(torch.tensor([[0.2, 0.0], [0.4, 0.0]]), e0[:2])
+    ref.update(torch.tensor([[0.3, 0.0]]), e0[:1])
+    assert mk.state_dict() == ref.state_dict()

@@ -8,7 +8,7 @@ Glossary (letters as in docs/glossary.md)
 
 The per-modality errors (B, M) come from ``kernels.dispatch.balanced_mse`` (the mean squared error
 over each modality's own channels and pixels). With a validity mask (B, S, S) the invalid pixels
-(nodata) are left out: the kernel sees pred·valid and target·valid (so invalid pixels add 0) and
+(nodata) are left out: the kernel sees pred and target with 0 at invalid pixels (so they add 0) and
 each row is rescaled by S·S / n_valid(row), which turns its mean over all pixels into the mean over
 its valid ones; a row with no valid pixel gets weight 0.
 """
@@ -31,11 +31,16 @@ def valid_row_scale(valid: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 
 def _check_valid(valid: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """valid (B, S, S) -> (B, 1, S, S) in pred's dtype and device (1 valid, 0 not)."""
+    """valid (B, S, S) -> (B, 1, S, S) bool on pred's device."""
     if valid.shape != (pred.shape[0], *pred.shape[2:]):
         raise ValueError(f"valid must be (B,S,S) = ({pred.shape[0]},{pred.shape[2]},{pred.shape[3]}), "
                          f"got {tuple(valid.shape)}")
-    return (valid.to(pred.device) > 0).to(pred.dtype)[:, None]
+    return (valid.to(pred.device) > 0)[:, None]
+
+
+def _zero_invalid(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x (B, C, S, S) with 0 where v (B, 1, S, S) is False (whatever was there, NaN included)."""
+    return torch.where(v, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def per_modality_mse(pred: torch.Tensor, target: torch.Tensor, channel_modality: torch.Tensor,
@@ -48,7 +53,7 @@ def per_modality_mse(pred: torch.Tensor, target: torch.Tensor, channel_modality:
     if valid is None:
         return balanced_mse(pred, target, channel_modality, num_modalities)
     v = _check_valid(valid, pred)
-    per_mod = balanced_mse(pred * v, target * v, channel_modality, num_modalities)  # (B, M)
+    per_mod = balanced_mse(_zero_invalid(pred, v), _zero_invalid(target, v), channel_modality, num_modalities)  # (B, M)
     return per_mod * valid_row_scale(valid, per_mod.dtype).to(per_mod.device)[:, None]
 
 
@@ -77,5 +82,5 @@ def concat_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | N
     if valid is None:
         return F.mse_loss(pred, target)
     v = _check_valid(valid, pred)
-    per_row = ((pred - target) * v).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    per_row = (_zero_invalid(pred, v) - _zero_invalid(target, v)).pow(2).mean(dim=(1, 2, 3))  # (B,)
     return (per_row * valid_row_scale(valid, per_row.dtype).to(per_row.device)).mean()

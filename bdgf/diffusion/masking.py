@@ -156,16 +156,16 @@ class AdaptiveModalityMasking:
 
         pair_log_ratio (P, M): at [i, m], log L_{¬m|m masked} − log L_{¬m|none} of pair i (other
         entries are ignored); pair_masked (P, M) 0/1: 1 at the modality pair i masked (one-hot
-        rows). P may be 0 (the statistics still decay by one step)."""
+        rows). P may be 0 (the statistics still decay by one step). A NaN/inf ratio (a diverged
+        model) is left out, so the statistics stay finite; the step's own loss check stops the run."""
         M = self.num_modalities
         if pair_log_ratio.shape != pair_masked.shape or pair_log_ratio.ndim != 2 or pair_masked.shape[1] != M:
             raise ValueError(f"pair_log_ratio and pair_masked must both be (P,{M}), got "
                              f"{tuple(pair_log_ratio.shape)} and {tuple(pair_masked.shape)}")
         r = pair_log_ratio.detach().to("cpu", torch.float64)
-        w = (pair_masked.detach().to("cpu", torch.float64) > 0.5).to(torch.float64)  # (P, M)
+        finite = torch.isfinite(r)
+        w = ((pair_masked.detach().to("cpu", torch.float64) > 0.5) & finite).to(torch.float64)  # (P, M)
         r = torch.where(w > 0, r, torch.zeros_like(r))
-        if not bool(torch.isfinite(r).all()):
-            raise ValueError("pair_log_ratio has NaN/inf at a masked entry (a loss of 0 or inf?)")
         a = self.config.ema
         self.w_sum = a * self.w_sum + w.sum(0)
         self.w2_sum = a * a * self.w2_sum + w.sum(0)

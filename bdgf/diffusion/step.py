@@ -105,7 +105,7 @@ def diffusion_training_step(
     loss_kind: "balanced" (per-modality means averaged, DESIGN §1.2) or "concat" (plain MSE ablation).
     weights (M,) or None: modality weights of the balanced loss (None: 1/M each).
     valid (B, S, S) bool/0-1 or None: valid pixels. Invalid pixels are set to 0 in x0 (the band
-    mean, as the stores already have them) and left out of every loss (see ``bdgf.diffusion.loss``).
+    mean, as the stores already have them; NaN there is fine too) and left out of every loss (see ``bdgf.diffusion.loss``).
 
     The training loss covers the batch with the sampled presence flags. Separately, P rows
     (``masking.pair_plan``) are denoised twice without gradient (:func:`paired_log_ratios`) and
@@ -130,7 +130,7 @@ def diffusion_training_step(
         if valid.shape != (B, *x0.shape[2:]):
             raise ValueError(f"valid must be (B,H,W) = ({B},{x0.shape[2]},{x0.shape[3]}), got {tuple(valid.shape)}")
         valid = valid.to(device) > 0
-        x0 = x0 * valid[:, None].to(x0.dtype)
+        x0 = torch.where(valid[:, None], x0, torch.zeros((), dtype=x0.dtype, device=device))
 
     gdev = generator.device if generator is not None else torch.device("cpu")
     t = schedule.sample_timesteps(B, generator).to(device)  # (B,)

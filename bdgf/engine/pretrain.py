@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Subset
 from bdgf.config import PretrainConfig, RunConfig
 from bdgf.data.patches import shard_indices
 from bdgf.data.stores import open_stores
-from bdgf.data.tiles import TileDataset, random_augment
+from bdgf.data.tiles import TileDataset, random_augment, random_augment_with_valid
 from bdgf.diffusion.masking import AdaptiveModalityMasking, MaskingConfig
 from bdgf.diffusion.schedules import NoiseSchedule, ScheduleConfig
 from bdgf.diffusion.step import diffusion_training_step, unwrap_model
@@ -99,7 +99,9 @@ def pretrain_loop(
 ) -> dict:
     """Run steps ``start_step+1 .. steps``; returns the last step's logs.
 
-    batches: an endless iterator of clean tiles x0 (B, C, T, T). stepper.step(loss) does the
+    batches: an endless iterator of TileDataset batches {"tile": x0 (B, C, T, T), "valid": (B, T, T)}
+    (or of plain x0 tensors, all pixels valid); the flip/rotation is drawn once per batch and
+    applied to tile and validity alike. stepper.step(loss) does the
     update. NaN/inf loss stops the loop with TrainingDiverged (no update is applied).
     """
     model.train()
@@ -110,10 +112,15 @@ def pretrain_loop(
     t0, n_seen = time.perf_counter(), 0
     try:
         for step in range(start_step + 1, steps + 1):
-            x0 = random_augment(next(it), generator).to(device)
+            batch = next(it)
+            if isinstance(batch, dict):  # TileDataset batches: {"tile" (B, C, T, T), "valid" (B, T, T)}
+                x0, valid = random_augment_with_valid(batch["tile"], batch["valid"], generator)
+                x0, valid = x0.to(device), valid.to(device)
+            else:  # plain tiles (B, C, T, T), every pixel valid
+                x0, valid = random_augment(batch, generator).to(device), None
             loss, logs = diffusion_training_step(
                 model, schedule, masking, x0, channel_modality, generator, loss_kind=loss_kind,
-                modality_names=modality_names,
+                modality_names=modality_names, valid=valid,
             )
             check_finite(loss, step, last_good, "pretrain")
             stepper.step(loss)
@@ -137,9 +144,10 @@ def tile_batches(stores: Sequence[str], cfg: PretrainConfig, *, micro_batch: int
 
     Tiles are sampled with replacement from this rank's shard of every store's tiles; the
     streams are a pure function of (seed, rank, start step), so a resumed run draws fresh tiles
-    deterministically. One process (rank 0 of 1) samples the whole tile set.
+    deterministically. One process (rank 0 of 1) samples the whole tile set. Batches are
+    {"tile" (B, C, T, T), "valid" (B, T, T)}; tiles under ``cfg.min_valid_fraction`` valid are never drawn.
     """
-    datasets = [TileDataset(s, cfg.tile_size) for s in stores]
+    datasets = [TileDataset(s, cfg.tile_size, min_valid_fraction=cfg.min_valid_fraction) for s in stores]
     data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     if world > 1:
         data = Subset(data, shard_indices(len(data), rank, world, seed=cfg.seed, shuffle=True).tolist())
@@ -150,8 +158,9 @@ def tile_batches(stores: Sequence[str], cfg: PretrainConfig, *, micro_batch: int
 
 
 def tile_loader(store: str | Path, cfg: PretrainConfig, num_samples: int, seed: int) -> DataLoader:
-    """Random tiles of one store (for tests and benchmarks that drive ``pretrain_loop`` by hand)."""
-    data = TileDataset(store, cfg.tile_size)
+    """Random tiles of one store (for tests and benchmarks that drive ``pretrain_loop`` by hand):
+    batches {"tile" (B, C, T, T), "valid" (B, T, T)}, tiles under ``cfg.min_valid_fraction`` valid skipped."""
+    data = TileDataset(store, cfg.tile_size, min_valid_fraction=cfg.min_valid_fraction)
     sampler = RandomSampler(data, replacement=True, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
 
