@@ -27,11 +27,29 @@ def test_scan_order_is_centre_out_permutation(P):
     assert d2 == sorted(d2)                                   # distance to the centre never decreases
 
 
-def test_scan_order_ties_and_even_patch():
+def test_scan_order_ties_and_even_grid():
     # 3x3, flat indices 0..8, centre 4; then E(5), N(1), W(3), S(7), then NE(2), NW(0), SW(6), SE(8).
     assert centre_out_order(3).tolist() == [4, 5, 1, 3, 7, 2, 0, 6, 8]
+    # 4x4 (the token grid of P = 9 at stride 2): the four cells around the centre first, NE, NW, SW, SE.
+    order = centre_out_order(4).tolist()
+    assert order[:4] == [6, 5, 9, 10] and sorted(order) == list(range(16))
+    assert order[-4:] == [3, 0, 12, 15]                       # the corners last, NE, NW, SW, SE
     with pytest.raises(InputError):
-        centre_out_order(4)
+        centre_out_order(0)
+
+
+@pytest.mark.parametrize("P,stride,side", [(5, 1, 5), (5, 2, 2), (7, 2, 3), (11, 2, 5), (9, 2, 4)])
+def test_token_grid_sides(P, stride, side):
+    br = MambaBranch(3, 5, P, MambaConfig(d_model=8, n_layers=1, d_state=4, groups=2, gate_hidden=8,
+                                          token_stride=stride))
+    assert br.tokens(torch.randn(2, 3, P, P)).shape == (2, side * side, 8)
+
+
+def test_token_stride_that_does_not_tile_the_patch_raises():
+    with pytest.raises(InputError, match="token_stride"):
+        MambaBranch(3, 5, 7, MambaConfig(d_model=8, groups=2, token_stride=3))   # (7 - 5) % 3 != 0
+    with pytest.raises(InputError, match="token_stride"):
+        MambaBranch(3, 5, 7, MambaConfig(d_model=8, groups=2, token_stride=0))
 
 
 def _dep(f, x, src, dst):

@@ -8,9 +8,17 @@ Glossary (letters as in docs/glossary.md)
     K       classes
     Dz      a branch's embedding width (of z)
 
+    T       tile side (``predict_dense``: every pixel of a T x T tile at once)
+
 Branch <- guiding feature level (DESIGN 1.4):  cnn <- low,  mamba <- mid,  transformer <- high.
 The prediction is the mean of the branch softmaxes; each branch's logits and z are also returned
 (for the mutual-learning loss and per-branch reporting).
+
+Two paths, one function. ``forward`` / ``predict`` take one P x P patch per pixel (training, the
+reference). ``predict_dense`` takes a (T + 2r) x (T + 2r) region and its features and returns the
+probabilities of all T x T centre pixels, equal to ``predict`` on each pixel's patch: every
+branch computes its per-pixel parts once over the region (``dense``) and mixes tokens window by
+window in chunks of ``chunk_pixels`` (see each branch's docstring).
 """
 from __future__ import annotations
 
@@ -21,9 +29,10 @@ import torch
 from torch import nn
 
 from bdgf.errors import InputError
+from bdgf.models._shapes import check_shape
 from bdgf.models.cnn import CNNBranch, CNNConfig
 from bdgf.models.mamba import MambaBranch, MambaConfig
-from bdgf.models.transformer import TransformerBranch, TransformerConfig
+from bdgf.models.transformer import DENSE_CHUNK, TransformerBranch, TransformerConfig
 
 BRANCHES: tuple[str, ...] = ("cnn", "mamba", "transformer")
 FEATURE_OF: dict[str, str] = {"cnn": "low", "mamba": "mid", "transformer": "high"}
@@ -139,6 +148,26 @@ class BDGFClassifier(nn.Module):
         """(B, C, P, P), (B, F_*, P, P) x 3 -> probs (B, K). Export path: a fixed graph, no branching on data."""
         _, logits = self._run(patch, low, mid, high)
         return torch.stack([l.softmax(-1) for l in logits.values()]).mean(0)
+
+
+    def predict_dense(self, region: torch.Tensor, low: torch.Tensor | None, mid: torch.Tensor | None,
+                      high: torch.Tensor | None, chunk_pixels: int = DENSE_CHUNK) -> torch.Tensor:
+        """region (B, C, T+2r, T+2r), features (B, F_*, T+2r, T+2r) -> probs (B, K, T, T): entry
+        [..., i, j] equals ``predict`` on the P x P patch centred on region pixel (i + r, j + r).
+        Non-square regions work too ((B, C, rows, cols) -> (B, K, rows-P+1, cols-P+1)). At most
+        ``chunk_pixels`` windows are token-mixed at a time (bounds the memory per tile). Feature
+        maps of unused branches may be None."""
+        check_shape("region", region, (None, self.config.in_channels, None, None), "(B, C, T+2r, T+2r)")
+        feats = {"low": low, "mid": mid, "high": high}
+        probs = []
+        for b, branch in self.branches.items():
+            f = feats[FEATURE_OF[b]]
+            if f is None:
+                raise InputError(f"branch {b!r} needs the {FEATURE_OF[b]!r} features, got None")
+            z = branch.dense(region, f) if b == "cnn" else branch.dense(region, f, chunk_pixels)  # (B, Dz, T, T)
+            logits = self.heads[b](z.permute(0, 2, 3, 1))                      # (B, T, T, K)
+            probs.append(logits.softmax(-1))
+        return torch.stack(probs).mean(0).permute(0, 3, 1, 2)                  # (B, K, T, T)
 
 
 class PredictWrapper(nn.Module):

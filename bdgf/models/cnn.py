@@ -9,7 +9,6 @@ Glossary (letters as in docs/glossary.md)
     D       branch width (``CNNConfig.width``)
     D_low   width of the 1x1-projected low features (``CNNConfig.low_width``)
     V       side of the window left after the unpadded convolutions: V = P - 2 * (1 + num_blocks)
-            (the variable ``S`` in ``dense``)
 
 Every convolution is unpadded and every normalisation is per pixel (LayerNorm over channels), so
 the branch is exactly computable densely over a tile: running it on the (T + 2r) x (T + 2r)
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdgf.errors import InputError
-from bdgf.models._shapes import check_shape
+from bdgf.models._shapes import check_region, check_shape
 
 
 @dataclass(frozen=True)
@@ -106,17 +105,12 @@ class CNNBranch(nn.Module):
         check_shape("low", low, (patch.shape[0], self.low_channels, P, P), "(B, F_low, P, P)")
         return self._maps(patch, low).mean(dim=(-2, -1))          # (B, D) window pooling
 
-    def dense(self, tile: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    def dense(self, region: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """z_cnn of every P x P window at once: (B, C, T+2r, T+2r), (B, F_low, T+2r, T+2r)
         -> (B, D, T, T), z of every pixel of the T x T tile (any input of at least P x P works,
         non-square too: (B, C, rows, cols) -> (B, D, rows-P+1, cols-P+1)). Entry [..., i, j]
         equals forward() on the patch whose top-left corner is (i, j), i.e. centred on input
-        pixel (i + r, j + r). The code's names and messages call the input's sides H, W."""
-        P = self.patch_size
-        check_shape("tile", tile, (None, self.in_channels, None, None), "(B, C, H, W)")
-        H, W = tile.shape[-2:]
-        if H < P or W < P:
-            raise InputError(f"tile: needs H, W >= patch_size {P}, got {tuple(tile.shape)}")
-        check_shape("low", low, (tile.shape[0], self.low_channels, H, W), "(B, F_low, H, W)")
-        S = P - 2 * (1 + len(self.blocks))
-        return F.avg_pool2d(self._maps(tile, low), S, stride=1)
+        pixel (i + r, j + r). Exactly dense (no chunks): the maps are (B, D, rows, cols) at most."""
+        check_region("cnn", region, low, self.in_channels, self.low_channels, self.patch_size, "low")
+        V = self.patch_size - 2 * (1 + len(self.blocks))
+        return F.avg_pool2d(self._maps(region, low), V, stride=1)   # window pooling, V x V

@@ -3,8 +3,9 @@
 Glossary (letters as in docs/glossary.md; shapes after johnma2006/mamba-minimal)
     B       batch (labelled pixels)
     C       input bands, all modalities concatenated
-    P       patch side (odd)
-    L       tokens in the sequence, L = P * P, one per pixel
+    P       patch side (odd); r = P // 2
+    L       tokens in the sequence, one per cell of the token grid (``bdgf.models._shapes``):
+            P * P pixel tokens at ``token_stride`` 1, r * r tokens of 3 x 3 windows at stride 2
     F_mid   channels of the mid diffusion features
     D       model width (``MambaConfig.d_model``)
     E       expanded inner width, E = expand * D (``d_inner``)
@@ -13,19 +14,34 @@ Glossary (letters as in docs/glossary.md; shapes after johnma2006/mamba-minimal)
     k       kernel side of the depthwise causal conv1d (``d_conv``)
     G       channel groups gated by the mid features (``groups``); D % G == 0
     Ly      number of layers (``n_layers``)
+    T       tile side (``dense``)
+    N       windows (pixels) of one chunk of ``dense``
 
-Scan order (``centre_out_order``): pixels are sorted by squared Euclidean distance to the centre
-pixel, ties broken by angle atan2(-(row - c), col - c) in [0, 2*pi) (counter-clockwise from "east",
-image rows pointing down), then by flat index. So token 0 is the centre pixel, then its 4-neighbours
-(east, north, west, south), then the diagonal ones, ... out to the patch corners. Each layer is bidirectional:
-one MambaBlock scans centre-out, a second (own weights) scans the reversed sequence (outside-in,
-ending at the centre), and their outputs are averaged. z_mamba = LayerNorm(centre token + mean of
-all tokens): the centre token has seen every pixel through the outside-in scan; the mean adds the
-forward scan's context (whose first token, the centre, has seen only itself).
+Tokens: an unpadded convolution (kernel ``2 * token_stride - 1``, stride ``token_stride``) over
+the patch. The default stride 2 gives an r x r grid of overlapping 3 x 3 windows that covers the
+patch exactly: the selective scan, whose cost is per token and dominated by elementwise state
+updates (L * E * N_s per direction), runs over 25 tokens instead of 121 at P = 11 (about 5x less
+scan work per classified pixel; ``benchmarks/bench_inference.py``), while every band of every
+pixel still reaches the tokens. ``token_stride=1`` is one token per pixel.
+
+Scan order (``centre_out_order``): grid cells are sorted by squared Euclidean distance to the grid
+centre, ties broken by angle atan2(-(row - c), col - c) in [0, 2*pi) (counter-clockwise from
+"east", image rows pointing down), then by flat index. So token 0 is the centre one (for an even
+grid side, r even, the first of the four around the centre pixel; all four windows contain it),
+then its 4-neighbours (east, north, west, south), then the diagonal ones, ... out to the corners.
+Each layer is bidirectional: one MambaBlock scans centre-out, a second (own weights) scans the
+reversed sequence (outside-in, ending at the centre), and their outputs are averaged. z_mamba =
+LayerNorm(centre token + mean of all tokens): the centre token has seen every token through the
+outside-in scan; the mean adds the forward scan's context (whose first token has seen only itself).
 
 Grouped channel attention: mid (B, F_mid, P, P) is averaged over the window -> (B, F_mid) -> MLP ->
 (B, Ly, G) -> sigmoid; at the input of layer i, each of the G groups of D/G token channels is
 multiplied by its gate (the same gate for every token).
+
+``dense(region, mid)``: z of every window of a region at once, equal to ``forward`` on each P x P
+window. The token embedding (a stride-1 convolution over the region) and the gates (the window
+mean is a P x P average pool, then the MLP) are computed once per pixel; the tokens are gathered
+into windows in scan order (``bdgf.models._shapes.gather_windows``) chunk by chunk for the scans.
 """
 from __future__ import annotations
 
@@ -37,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdgf.errors import InputError
-from bdgf.models._shapes import check_shape
+from bdgf.models._shapes import check_region, check_shape, gather_windows, token_grid, window_index
 from kernels.dispatch import selective_scan
 
 
@@ -51,24 +67,28 @@ class MambaConfig:
     dt_rank: int | None = None  # R; None -> ceil(D / 16)
     groups: int = 8            # G
     gate_hidden: int = 64      # hidden width of the mid-feature gate MLP
+    token_stride: int = 2      # 1: a token per pixel; 2: 3 x 3 windows at stride 2 (module docstring)
 
 
-def centre_out_order(patch_size: int) -> torch.Tensor:
-    """Centre-out scan order of a P x P patch: (L,) int64, a permutation of range(P * P).
+DENSE_CHUNK = 1024  # default windows per chunk of ``dense``
 
-    ``order[j]`` is the flat (row * P + col) index of the pixel at scan position j; position 0 is
-    the centre. See the module docstring for the tie-breaking rule.
+
+def centre_out_order(side: int) -> torch.Tensor:
+    """Centre-out scan order of a side x side grid: (side * side,) int64, a permutation.
+
+    ``order[j]`` is the flat (row * side + col) index of the cell at scan position j; position 0 is
+    the centre cell (for an even side, the first of the four around the centre). See the module
+    docstring for the tie-breaking rule.
     """
-    if patch_size < 1 or patch_size % 2 == 0:
-        raise InputError(f"patch_size must be odd and positive, got {patch_size}")
-    c = patch_size // 2
+    if side < 1:
+        raise InputError(f"grid side must be positive, got {side}")
 
     def key(idx: int) -> tuple[int, float, int]:
-        r, col = divmod(idx, patch_size)
-        dy, dx = -(r - c), col - c
+        row, col = divmod(idx, side)
+        dy, dx = (side - 1) - 2 * row, 2 * col - (side - 1)      # twice the offset from the centre
         return (dy * dy + dx * dx, math.atan2(dy, dx) % (2 * math.pi), idx)
 
-    return torch.tensor(sorted(range(patch_size * patch_size), key=key), dtype=torch.long)
+    return torch.tensor(sorted(range(side * side), key=key), dtype=torch.long)
 
 
 class MambaMixer(nn.Module):
@@ -141,17 +161,19 @@ class BiMambaLayer(nn.Module):
 
 
 class MambaBranch(nn.Module):
-    """forward(patch (B, C, P, P), mid (B, F_mid, P, P)) -> z_mamba (B, D)."""
+    """forward(patch (B, C, P, P), mid (B, F_mid, P, P)) -> z_mamba (B, D);
+    dense(region (B, C, T+2r, T+2r), mid (B, F_mid, T+2r, T+2r)) -> z_mamba of every pixel (B, D, T, T)."""
 
     def __init__(self, in_channels: int, mid_channels: int, patch_size: int, cfg: MambaConfig = MambaConfig()):
         super().__init__()
         if cfg.d_model % cfg.groups:
             raise InputError(f"Mamba branch: d_model {cfg.d_model} is not divisible by groups {cfg.groups}")
         self.in_channels, self.mid_channels, self.patch_size = in_channels, mid_channels, patch_size
-        self.cfg, self.out_dim = cfg, cfg.d_model
-        L = patch_size * patch_size
-        self.register_buffer("order", centre_out_order(patch_size), persistent=False)  # (L,)
-        self.embed = nn.Linear(in_channels, cfg.d_model)
+        self.cfg, self.out_dim, self.stride = cfg, cfg.d_model, cfg.token_stride
+        self.kernel, self.grid_side = token_grid(patch_size, cfg.token_stride)
+        L = self.grid_side ** 2
+        self.register_buffer("order", centre_out_order(self.grid_side), persistent=False)  # (L,)
+        self.embed = nn.Conv2d(in_channels, cfg.d_model, self.kernel)
         self.pos = nn.Parameter(torch.zeros(1, L, cfg.d_model))                       # in scan order
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.gate = nn.Sequential(
@@ -161,22 +183,49 @@ class MambaBranch(nn.Module):
         self.layers = nn.ModuleList([BiMambaLayer(cfg) for _ in range(cfg.n_layers)])
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, channels, P, P) -> (B, L, channels) in centre-out scan order."""
+    def tokens(self, patch: torch.Tensor) -> torch.Tensor:
+        """(B, C, P, P) -> embedded tokens (B, L, D) in centre-out scan order, without positions."""
+        x = F.conv2d(patch, self.embed.weight, self.embed.bias, stride=self.stride)   # (B, D, side, side)
         return x.flatten(2).transpose(1, 2)[:, self.order]
+
+    def gates_of_means(self, mean: torch.Tensor) -> torch.Tensor:
+        """Window means of mid (..., F_mid) -> per-layer channel gates (..., Ly, D), constant within
+        each group."""
+        g = torch.sigmoid(self.gate(mean)).unflatten(-1, (self.cfg.n_layers, self.cfg.groups))  # (..., Ly, G)
+        return g.repeat_interleave(self.cfg.d_model // self.cfg.groups, dim=-1)               # (..., Ly, D)
 
     def gates(self, mid: torch.Tensor) -> torch.Tensor:
         """mid (B, F_mid, P, P) -> per-layer channel gates (B, Ly, D), constant within each group."""
-        g = torch.sigmoid(self.gate(mid.mean(dim=(-2, -1))))                   # (B, Ly * G)
-        g = g.view(-1, self.cfg.n_layers, self.cfg.groups)                     # (B, Ly, G)
-        return g.repeat_interleave(self.cfg.d_model // self.cfg.groups, dim=-1)  # (B, Ly, D)
+        return self.gates_of_means(mid.mean(dim=(-2, -1)))
+
+    def _mix(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, L, D) with positions, gates (B, Ly, D) -> z (B, D)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x * gates[:, i : i + 1])                                 # (B, L, D)
+        return self.norm(x[:, 0] + x.mean(dim=1))                              # (B, D) centre + mean
 
     def forward(self, patch: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
         P = self.patch_size
         check_shape("patch", patch, (None, self.in_channels, P, P), "(B, C, P, P)")
         check_shape("mid", mid, (patch.shape[0], self.mid_channels, P, P), "(B, F_mid, P, P)")
-        x = self.embed(self.tokens(patch)) + self.pos                          # (B, L, D)
-        gates = self.gates(mid)                                                # (B, Ly, D)
-        for i, layer in enumerate(self.layers):
-            x = layer(x * gates[:, i : i + 1])                                 # (B, L, D)
-        return self.norm(x[:, 0] + x.mean(dim=1))                              # (B, D) centre + mean
+        return self._mix(self.tokens(patch) + self.pos, self.gates(mid))
+
+    def dense(self, region: torch.Tensor, mid: torch.Tensor, chunk_pixels: int = DENSE_CHUNK) -> torch.Tensor:
+        """(B, C, rows, cols), (B, F_mid, rows, cols) -> z_mamba (B, D, rows-P+1, cols-P+1): entry
+        [..., i, j] equals ``forward`` on the window whose top-left corner is (i, j) (for a region
+        of side T + 2r: every pixel of the T x T tile). ``chunk_pixels`` windows are scanned at a time."""
+        out_rows, out_cols = check_region("mamba", region, mid, self.in_channels, self.mid_channels,
+                                          self.patch_size, "mid")
+        if chunk_pixels < 1:
+            raise InputError(f"chunk_pixels must be >= 1, got {chunk_pixels}")
+        B, D, P = region.shape[0], self.out_dim, self.patch_size
+        x = self.embed(region).permute(0, 2, 3, 1)                             # (B, rows', cols', D)
+        means = F.avg_pool2d(mid, P, stride=1).permute(0, 2, 3, 1)             # (B, T, T, F_mid)
+        gates = self.gates_of_means(means).flatten(1, 2)                       # (B, T*T, Ly, D)
+        n_out, zs = out_rows * out_cols, []
+        for start in range(0, n_out, chunk_pixels):
+            stop = min(start + chunk_pixels, n_out)
+            index = window_index(out_cols, x.shape[2], self.stride, self.grid_side, start, stop, self.order)
+            tokens = gather_windows(x, index) + self.pos                       # (B*N, L, D)
+            zs.append(self._mix(tokens, gates[:, start:stop].flatten(0, 1)).view(B, -1, D))
+        return torch.cat(zs, dim=1).transpose(1, 2).reshape(B, D, out_rows, out_cols)
