@@ -53,6 +53,28 @@ Presets (``PRESETS``):
   test) over seeds 0–29: the confusable modality scores ~0.53 on average (at most ~0.76, the roof
   pair, as a class has only a handful of buildings), the other modality ≥ 0.98.
 
+- ``hard`` 128×128, HSI 32 noisier bands (noise 0.006, within-class variability 1.5×) + LiDAR 1,
+  9 classes (grass, shrubs, trees, soil, water, road, parking_lot, roof_concrete, roof_coated),
+  exactly 10 train / 3 val per class: the ablation benchmark's preset, built so that the imbalance
+  preset's saturation (every variant 95–97 %) does not recur (``HARD_HSI_CONFUSABLE``,
+  ``HARD_ELEVATION_CONFUSABLE``):
+
+  * elevation-only separable: ``grass`` vs ``shrubs`` (one leaf spectrum; lawn vs 1.5–4 m) and
+    ``parking_lot`` vs ``roof_concrete`` (one concrete; ground vs flat roof 3–8 m);
+  * HSI-only separable: ``road`` vs ``parking_lot``, ``grass`` vs ``soil``, and the spectrally
+    *close* ``roof_concrete`` vs ``roof_coated`` (concrete with a bluish, NIR-dark coating; both
+    roofs 3–8 m);
+  * the LiDAR's usefulness varies across the scene: a spatially correlated height error
+    (correlation length 3 px, so a patch does not average it away) whose std is 0 on the left
+    40 % of the columns and rises linearly to 6 m at the right edge (``elevation_error_std``).
+    Where it is large, the elevation-only pairs are confusable in *both* modalities.
+
+  Measured (tests/test_synthetic.py, NCM with class means from another scene of the preset,
+  seeds 0–5): where the LiDAR is clean the confusable modality scores ~0.5 per pair (a roof pair
+  can separate by chance in one seed: a part holds few buildings), the other > 0.85 (HSI on the
+  close roof pair 0.86–0.99); in the degraded part elevation on grass / shrubs falls from > 0.9
+  to 0.58–0.75.
+
 - ``sar`` 64×64, HSI 24 + SAR 4 (dB) + DSM 1 (three modalities, Augsburg-like), 7 classes (grass,
   trees, soil, water, road, building_low, building_high),
   15 train / 4 val per class.
@@ -105,6 +127,12 @@ class SceneConfig:
     elevation_name: str = "lidar"  # modality name of the elevation raster
     elevation_kind: str = "lidar"  # "lidar" | "dsm"
     elevation_noise: float = 0.05  # LiDAR noise std, metres
+    # Spatially varying LiDAR quality: a spatially correlated height error whose std grows
+    # linearly from 0 at column fraction ``elevation_error_from`` to ``elevation_error`` metres at
+    # the right edge (0: the same quality everywhere). See ``elevation_error_std``.
+    elevation_error: float = 0.0
+    elevation_error_from: float = 0.4
+    elevation_error_scale: float = 2.0  # correlation length of the error, px
     terrain_slope: float = 0.006  # largest terrain gradient, m/px
     terrain_relief: float = 0.25  # std of smooth terrain relief, metres
     ground_roughness: float = 0.08  # micro-relief std of ground-level surfaces, metres
@@ -167,6 +195,24 @@ PRESETS: dict[str, SceneConfig] = {
         cell_area=450.0, lines_per_class=2, rects_per_class=7, rect_size=(7, 15),
         train_per_class=20, val_per_class=5,
     ),
+    "hard": SceneConfig(
+        name="hard", height=128, width=128, hsi_bands=32, hsi_noise=0.006, variability=1.5,
+        terrain_slope=0.001, terrain_relief=0.05, ground_roughness=0.15,
+        elevation_error=6.0, elevation_error_from=0.4, elevation_error_scale=3.0,
+        classes=(
+            _c("grass", "vegetation", "cell", scattering="grass"),
+            _c("shrubs", "vegetation", "cell", "canopy", (1.5, 4.0), "volume"),
+            TREES,
+            SOIL,
+            WATER,
+            ROAD,
+            _c("parking_lot", "concrete", "rect"),
+            _c("roof_concrete", "concrete", "rect", "flat", (3.0, 8.0), "double_bounce_low"),
+            _c("roof_coated", "coated_concrete", "rect", "flat", (3.0, 8.0), "double_bounce_low"),
+        ),
+        cell_area=450.0, lines_per_class=2, rects_per_class=7, rect_size=(7, 14),
+        train_per_class=10, val_per_class=3,
+    ),
     "sar": SceneConfig(
         name="sar", height=64, width=64, hsi_bands=24, sar=True,
         elevation_name="dsm", elevation_kind="dsm",
@@ -179,6 +225,10 @@ PRESETS: dict[str, SceneConfig] = {
 # The imbalance preset's designed pairs (class names), measured by tests/test_synthetic.py.
 IMBALANCE_HSI_CONFUSABLE = (("grass", "trees"), ("parking_lot", "roof_concrete"))  # elevation separates
 IMBALANCE_ELEVATION_CONFUSABLE = (("road", "parking_lot"), ("grass", "soil"), ("roof_concrete", "roof_metal"))
+# The hard preset's designed pairs; elevation separates its HSI-confusable pairs only where the
+# LiDAR is good (left of ``elevation_error_from``), see ``elevation_error_std``.
+HARD_HSI_CONFUSABLE = (("grass", "shrubs"), ("parking_lot", "roof_concrete"))
+HARD_ELEVATION_CONFUSABLE = (("road", "parking_lot"), ("grass", "soil"), ("roof_concrete", "roof_coated"))
 
 # Reflectance spectra as sums of smooth terms over wavelength λ (nm):
 # ("const", a) | ("linear", a): a·(λ−400)/600 | ("gauss", a, centre, width) |
@@ -197,6 +247,8 @@ MATERIALS: dict[str, tuple[tuple, ...]] = {
     "soil": (("const", 0.07), ("linear", 0.22), ("gauss", -0.03, 900.0, 80.0), ("gauss", 0.015, 600.0, 60.0)),
     "asphalt": (("const", 0.06), ("linear", 0.04)),
     "concrete": (("const", 0.22), ("linear", 0.08), ("gauss", -0.03, 430.0, 50.0)),
+    "coated_concrete": (("const", 0.20), ("linear", 0.08), ("gauss", -0.03, 430.0, 50.0), ("gauss", 0.08, 480.0, 50.0),
+                        ("sigmoid", -0.08, 760.0, 40.0)),  # concrete with a bluish, NIR-dark coating
     "metal_roof": (("const", 0.16), ("gauss", 0.14, 470.0, 60.0), ("sigmoid", 0.10, 800.0, 40.0)),
     "roof_tile": (("const", 0.07), ("sigmoid", 0.25, 590.0, 20.0), ("linear", 0.05)),
     "water": (("const", 0.005), ("exp", 0.07, 400.0, 120.0), ("gauss", 0.015, 560.0, 40.0)),
@@ -480,7 +532,20 @@ def _elevation(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> 
         bands.append(255.0 * refl * (1.0 + 0.1 * _field(rng, cmap.shape, 2.0)) + 2.0 * rng.standard_normal(cmap.shape))
     elif cfg.lidar_bands != 1:
         raise InputError(f"preset {cfg.name!r}: lidar_bands must be 1 or 2, got {cfg.lidar_bands}")
+    if cfg.elevation_error > 0:  # drawn last, so presets without it keep their draws
+        bands[0] = bands[0] + elevation_error_std(cfg) * _field(rng, cmap.shape, cfg.elevation_error_scale)
     return np.stack(bands).astype(np.float32)
+
+
+def elevation_error_std(cfg: SceneConfig) -> np.ndarray:
+    """(H, W) std in metres of the preset's spatially correlated LiDAR height error: 0 left of
+    column ``elevation_error_from · W``, rising linearly to ``elevation_error`` at the right edge."""
+    start = cfg.elevation_error_from
+    if not 0.0 <= start < 1.0:
+        raise InputError(f"preset {cfg.name!r}: elevation_error_from must be in [0, 1), got {start}")
+    x = (np.arange(cfg.width) + 0.5) / cfg.width
+    ramp = np.clip((x - start) / (1.0 - start), 0.0, 1.0)
+    return np.broadcast_to(cfg.elevation_error * ramp, (cfg.height, cfg.width)).copy()
 
 
 # ----------------------------------------------------------------------------------------
@@ -582,6 +647,7 @@ def make_scene(preset: Union[str, SceneConfig], seed: int = 0) -> SceneData:
 
 
 __all__ = [
-    "ClassSpec", "SceneConfig", "PRESETS", "IMBALANCE_HSI_CONFUSABLE", "IMBALANCE_ELEVATION_CONFUSABLE", "MATERIALS", "SAR_SIGNATURES", "SAR_BANDS",
-    "make_scene", "make_class_map", "get_config", "material_spectra", "sar_means", "interior",
+    "ClassSpec", "SceneConfig", "PRESETS", "IMBALANCE_HSI_CONFUSABLE", "IMBALANCE_ELEVATION_CONFUSABLE",
+    "HARD_HSI_CONFUSABLE", "HARD_ELEVATION_CONFUSABLE", "MATERIALS", "SAR_SIGNATURES", "SAR_BANDS",
+    "make_scene", "make_class_map", "get_config", "material_spectra", "sar_means", "interior", "elevation_error_std",
 ]
