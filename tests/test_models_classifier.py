@@ -97,11 +97,19 @@ def test_bad_shapes_and_configs_raise():
         ClassifierConfig(in_channels=C, feature_channels={"low": FL}, num_classes=K)   # mid/high missing
     with pytest.raises(InputError):
         BDGFClassifier(classifier_config(patch_size=3))             # too small for the unpadded CNN
+    for branch in ("mamba", "transformer"):                         # a token grid that does not tile P = 7
+        d = classifier_config().to_dict()
+        d[branch]["token_stride"] = 3
+        with pytest.raises(InputError, match="token_stride"):
+            BDGFClassifier(ClassifierConfig.from_dict(d))
 
 
 def test_config_roundtrip():
     cfg = classifier_config(branches=("mamba", "cnn"))
     assert ClassifierConfig.from_dict(cfg.to_dict()) == cfg
+    d = cfg.to_dict()
+    d["transformer"]["token_stride"] = 1                       # per-pixel tokens
+    assert ClassifierConfig.from_dict(d).transformer.token_stride == 1
     with pytest.raises(InputError, match="widht"):
         ClassifierConfig.from_dict({**cfg.to_dict(), "cnn": {"widht": 8}})
     with pytest.raises(InputError, match="colour"):
