@@ -1,20 +1,21 @@
 """Dense per-tile diffusion features vs one UNet pass per classified pixel's patch.
 
-Both paths use the same denoiser (the demo config's UNet: base 16, mults [1, 2, 2], attention at
-the coarsest level; random weights, since cost does not depend on them) on the same scene (the
-synthetic ``demo`` preset, 128×128, HSI 32 + LiDAR 1) with the same timesteps (5, 50, 150; one
-noise draw each):
+Both paths use the same denoiser (the demo config's UNet: base 16, mults [1, 2, 2], tile-invariant;
+random weights, since cost does not depend on them) on the same scene (the synthetic ``demo``
+preset, 128×128, HSI 32 + LiDAR 1) with the same timesteps (5, 50, 150; one noise draw each), and
+both give the same features (tile invariance):
 
-* **dense** (ours, DESIGN §1.3): non-overlapping T×T tiles (T = 64) read with a halo h = 16, so
-  one UNet pass over a (T + 2h)² = 96×96 window per tile and timestep serves all T² pixels.
-* **per-patch**: one UNet pass per classified pixel over its own window. The classifier's patch is
-  P×P = 11×11, but this UNet needs sides divisible by 4 (two downsamplings), so the window is
-  12×12 (the 11×11 patch plus one row and one column); 11 would not run at all.
+* **dense** (ours, DESIGN §1.3): non-overlapping T×T tiles (T = 64) read with a halo h = the
+  receptive radius rounded up to the stride phase (28), so one UNet pass over a (T + 2h)² window
+  per tile and timestep serves all T² pixels.
+* **per-patch**: one UNet pass per classified pixel over the smallest window that gives its
+  P×P patch the same features: the patch plus the receptive radius on every side, widened to the
+  stride phase (68×68 for P = 11).
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (counts matmul/conv/SDPA; a
 multiply-add is 2 FLOPs; norms and activations are not counted). Wall time: the dense path over the
 whole scene; the per-patch path over a subset of pixels (``--pixels``, batched), extrapolated per
-pixel. Both via ``bdgf.diffusion.features.tile_features`` (noise + UNet + crop), no store writes.
+pixel. Via ``bdgf.diffusion.features.tile_features`` and ``window_features`` (noise + UNet), no store writes.
 
     .venv/bin/python benchmarks/bench_dense_features.py [--pixels 256] [--results benchmarks/RESULTS.md]
 """
@@ -70,14 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     model.eval().requires_grad_(False)
     fc = cfg.features
     steps = tuple(int(t) for t in fc.timesteps)
-    T, h = fc.tile_size, fc.halo
+    from bdgf.diffusion.features import aligned_halo, window_features
+
+    m, Rf = model.config.tile_multiple, model.receptive_radius
+    T, h = fc.tile_size, aligned_halo(Rf, m)
     S = T + 2 * h
     P = cfg.train.patch_size
-    Wp = P + (-P) % model.config.tile_multiple  # 12 for P = 11 and a multiple of 4
+    Wp = aligned_halo(P + 2 * Rf + m - 1, m)  # covers the patch + Rf from any stride phase
     dense_spec = FeatureSpec(checkpoint="bench", timesteps=steps, draws=1, noise_seed=fc.noise_seed,
                              tile_size=T, halo=h, reduce=fc.timestep_reduce)
-    patch_spec = FeatureSpec(checkpoint="bench", timesteps=steps, draws=1, noise_seed=fc.noise_seed,
-                             tile_size=Wp, halo=0, reduce=fc.timestep_reduce)
+    patch_spec = dense_spec
 
     # --- dense: every tile of the scene ---------------------------------------------------
     from bdgf.tiler import read_windows
@@ -105,21 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     flat = rng.choice(H * W, size=min(args.pixels, H * W), replace=False)
     centres = [(int(i // W), int(i % W)) for i in flat]
     lo = P // 2
-    pw = torch.from_numpy(np.stack([scene.read_window(r - lo, c - lo, Wp, Wp, concat=True) for r, c in centres]))
-    po = [(r - lo, c - lo) for r, c in centres]
+    po = [((r - lo - Rf) // m * m, (c - lo - Rf) // m * m) for r, c in centres]  # on the stride phase
+    pw = torch.from_numpy(np.stack([scene.read_window(r0, c0, Wp, Wp, concat=True) for r0, c0 in po]))
     with FlopCounterMode(display=False) as counter:
-        tile_features(model, schedule, pw[:1], po[:1], patch_spec)
+        window_features(model, schedule, pw[:1], po[:1], patch_spec)
     patch_flops_px = counter.get_total_flops()
-    tile_features(model, schedule, pw[: args.batch], po[: args.batch], patch_spec)  # warm-up
+    window_features(model, schedule, pw[: args.batch], po[: args.batch], patch_spec)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(centres), args.batch):
-        tile_features(model, schedule, pw[i : i + args.batch], po[i : i + args.batch], patch_spec)
+        window_features(model, schedule, pw[i : i + args.batch], po[i : i + args.batch], patch_spec)
     patch_wall = time.perf_counter() - t0
     patch_s_px = patch_wall / len(centres)
 
     n_params = sum(p.numel() for p in model.parameters())
     rows = [
-        ("UNet input per pass", f"{S}×{S} (tile {T} + halo {h} each side)", f"{Wp}×{Wp} (patch {P}, padded to ×{model.config.tile_multiple})"),
+        ("UNet input per pass", f"{S}×{S} (tile {T} + halo {h} each side)", f"{Wp}×{Wp} (patch {P} + receptive radius {Rf}, on the stride phase)"),
         ("passes per pixel", f"{len(steps)}/{T * T} = {len(steps) / (T * T):.2e}", f"{len(steps)}"),
         ("GFLOP per pass", f"{dense_flops_tile / len(steps) / 1e9:.3f}", f"{patch_flops_px / len(steps) / 1e9:.4f}"),
         ("MFLOP per classified pixel", f"{dense_flops_px / 1e6:.2f}", f"{patch_flops_px / 1e6:.2f}"),
@@ -131,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio_f = patch_flops_px / dense_flops_px
     ratio_t = patch_s_px / dense_s_px
     summary = (f"Per classified pixel, per-patch / dense: **{ratio_f:.1f}× the FLOPs, {ratio_t:.1f}× the wall time**. "
-               f"(The dense path pays a halo overhead of (96/64)² = {(S / T) ** 2:.2f}× and still wins because a "
-               f"12×12 pass serves one pixel while a 96×96 pass serves 4096.)")
+               f"(The dense path pays a halo overhead of ({S}/{T})² = {(S / T) ** 2:.2f}× and still wins because a "
+               f"{Wp}×{Wp} pass serves one pixel while a {S}×{S} pass serves {T * T}.)")
     print(table + "\n\n" + summary)
     section = "\n".join([
         "## Dense per-tile features vs one UNet pass per patch",
@@ -143,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' --threads ' + str(args.threads) if args.threads else ''}`.",
         "",
         f"Scene: synthetic `demo` (128×128, {scene.total_bands} bands: HSI 32 + LiDAR 1). Model: the demo UNet "
-        f"({n_params / 1e6:.2f} M parameters, base 16, mults [1, 2, 2], self-attention at the coarsest level), "
-        f"timesteps {list(steps)}, 1 draw. The classifier's patch is 11×11 but this UNet needs sides divisible by "
-        f"{model.config.tile_multiple}, so the per-patch path uses a 12×12 window around each pixel. FLOPs: "
+        f"({n_params / 1e6:.2f} M parameters, base 16, mults [1, 2, 2], receptive radius {Rf} px), "
+        f"timesteps {list(steps)}, 1 draw. The per-patch path uses the smallest window that gives a pixel's 11×11 "
+        f"patch the features the dense path gives it ({Wp}×{Wp}, on the stride phase). FLOPs: "
         "`FlopCounterMode` (matmul/conv/attention, multiply-add = 2). Wall: the dense path over all "
         f"{len(origins)} tiles (best of {args.repeats}); the per-patch path over {len(centres)} random pixels in "
         f"batches of {args.batch}, per pixel. No store I/O in either.",
