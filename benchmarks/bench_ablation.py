@@ -1,9 +1,9 @@
-"""Ablations of BDGF on the synthetic ``imbalance`` preset (20 train px per class).
+"""Ablations of BDGF on a synthetic preset (default ``hard``), with paired seed statistics.
 
 Variants (DESIGN §1.2, §1.4):
 
 =============  =========================================  ===============================
-variant        pretraining (shared per group, seed 0)     classifier
+variant        pretraining (one per group and seed)       classifier
 =============  =========================================  ===============================
 full           balanced loss + adaptive masking           cnn + mamba + transformer
 cnn_only       same denoiser and features as ``full``      cnn
@@ -15,17 +15,27 @@ concat_mse     plain MSE over the concatenation,           all three
                adaptive masking
 =============  =========================================  ===============================
 
-Each pretraining group gets its own copy of the scene store (features are cached in the store and
-a different checkpoint would recompute them). Pretraining and feature extraction use seed 0 for
-every variant; only the classifier is trained with seeds ``--seeds`` (default 0 1 2), so the
-reported std is over classifier seeds only, not over pretraining seeds.
+Seeds. Every pretraining group is pretrained once per **pretraining seed** (``--pretrain-seeds``,
+default 0 1 2: the denoiser's initial weights and its tile stream), and its dense features are
+recomputed from that checkpoint; on each, a classifier is trained per **classifier seed**
+(``--seeds``, default 0 1 2). So a variant has one run per (pretraining seed, classifier seed)
+pair, and every variant has the same pairs as ``full``.
 
-Everything is written incrementally under ``--work`` (one JSON per variant and seed, one per
-pretraining group), so a killed run resumes where it stopped. ``--quick`` is a smoke check
-(1 seed, a few steps and epochs); its numbers mean nothing.
+Statistics (benchmarks/stats.py). Per variant: mean ± sample std (ddof 1) of OA / AA / κ over its
+runs. Per variant vs full: the paired difference ``variant − full`` over matched (pretraining seed,
+classifier seed) pairs, its mean and 95 % t-interval (n − 1 df), and whether that interval
+excludes 0. Runs that share a pretraining seed are not independent of each other, so a second,
+conservative interval averages the differences within each pretraining seed first (n = number
+of pretraining seeds). The scene (seed 0) and the scored test pixels are the same for every run.
 
-    .venv/bin/python benchmarks/bench_ablation.py                 # full run (~25 min, 2 cores)
-    .venv/bin/python benchmarks/bench_ablation.py --quick         # smoke check (~2 min)
+Everything is written incrementally under ``--work`` (one JSON per group and pretraining seed, one
+per variant and seed pair), so a killed run resumes where it stopped; a work dir remembers its
+preset and config and refuses to resume under another. ``--quick`` is a smoke check (1 × 1 seeds,
+a few steps and epochs); its numbers mean nothing. The expected runtime is printed before
+anything runs (``--estimate`` prints it and exits).
+
+    .venv/bin/python benchmarks/bench_ablation.py                 # full run (see --estimate)
+    .venv/bin/python benchmarks/bench_ablation.py --quick         # smoke check
     .venv/bin/python benchmarks/bench_ablation.py --results benchmarks/RESULTS.md
 """
 
@@ -43,30 +53,30 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-LOAD0 = __import__("os").getloadavg()  # 1/5/15-min load when the script started
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+LOAD0 = os.getloadavg()  # 1/5/15-min load when the script started
+for _p in (ROOT, Path(__file__).resolve().parent):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-PRESET = "imbalance"
+import stats as bench_stats  # noqa: E402  (benchmarks/stats.py)
+
+DEFAULT_PRESET = "hard"
 SCENE_SEED = 0
-PRETRAIN_SEED = 0
+METRICS = ("oa", "aa", "kappa")
+REFERENCE = "full"
 
-# The ablation config: DEMO_OVERRIDES (sized for 2 CPU cores) cut further so that 4 pretrainings
-# + 21 classifier runs fit in ~40 minutes on a 2-core machine shared with other jobs (load ~4-8):
-# fewer pretraining steps (masking warm-up scaled with them) and classifier epochs.
+# The ablation config: DEMO_OVERRIDES (sized for 2 CPU cores) cut further so that 12 pretrainings
+# (4 groups × 3 seeds) and 63 classifier runs (7 variants × 3 × 3 seeds) fit in ~13 min on 2 quiet
+# cores, ~30-40 min under the usual load: fewer pretraining steps (masking warm-up scaled with
+# them) and classifier epochs (the pilot's best val epoch was still late at 15 of 15).
 ABLATION_OVERRIDES = {
-    "pretrain.steps": 40,
-    "pretrain.log_every": 4,
-    "pretrain.checkpoint_every": 40,
-    "pretrain.masking": {"mode": "adaptive", "warmup_steps": 12},
-    "train.epochs": 4,
-    "train.patience": 4,
+    "pretrain.steps": 150,
+    "pretrain.log_every": 15,
+    "pretrain.checkpoint_every": 150,
+    "pretrain.masking": {"mode": "adaptive", "warmup_steps": 45},
+    "train.epochs": 12,
+    "train.patience": 12,
 }
-# Scoring every one of the 7268 test pixels costs ~2 min per 3-branch model on the loaded machine;
-# by default score a fixed random subset (same pixels for every variant and seed, drawn with
-# TEST_SUBSET_SEED before anything is trained; 0 = the whole test split).
-TEST_SUBSET = 1500
-TEST_SUBSET_SEED = 12345
 QUICK_OVERRIDES = {
     "pretrain.steps": 12,
     "pretrain.log_every": 2,
@@ -76,6 +86,27 @@ QUICK_OVERRIDES = {
     "train.epochs": 2,
     "train.patience": 2,
 }
+# Scoring every test pixel costs more than training on these scenes: by default score a fixed
+# random subset (the same pixels for every variant and seed, drawn with TEST_SUBSET_SEED before
+# anything is trained; 0 = the whole test split).
+TEST_SUBSET = 2000
+QUICK_TEST_SUBSET = 300
+TEST_SUBSET_SEED = 12345
+
+# Runtime model for the estimate, seconds, measured with 1 torch thread on 2 cores at load ~1
+# (the pilot of 2026-12-03 on the ``hard`` preset: 117 train + val px; heavier load stretches
+# everything ~2-4×). A classifier run costs the sum over its branches of epochs × "epoch"
+# (per 100 train + val px, val pass included) + scored test pixels × "px".
+COST_S = {
+    "scene": 3.0,  # write the scene store copy
+    "pretrain_step": 0.05,  # one step, batch 8 of 32×32 tiles
+    "features_per_timestep": 0.5,  # dense features over the 128×128 scene, per timestep
+}
+BRANCH_COST_S = {
+    "cnn": {"epoch": 0.07, "px": 0.0001},
+    "mamba": {"epoch": 0.2, "px": 0.0008},
+    "transformer": {"epoch": 0.5, "px": 0.001},
+}
 
 # group -> pretraining overrides (on top of the base config)
 GROUPS = {
@@ -84,35 +115,73 @@ GROUPS = {
     "uniform_mask": {"pretrain.masking": {"mode": "uniform"}},
     "concat_mse": {"pretrain.loss_kind": "concat"},
 }
+ALL_BRANCHES = ["cnn", "mamba", "transformer"]
 # variant -> (pretraining group, classifier branches, description)
 VARIANTS = {
-    "full": ("full", ["cnn", "mamba", "transformer"], "balanced loss + adaptive masking + 3 branches"),
+    "full": ("full", ALL_BRANCHES, "balanced loss + adaptive masking + 3 branches"),
     "cnn_only": ("full", ["cnn"], "CNN branch alone (same features)"),
     "mamba_only": ("full", ["mamba"], "Mamba branch alone (same features)"),
     "tr_only": ("full", ["transformer"], "Transformer branch alone (same features)"),
-    "no_mask": ("no_mask", ["cnn", "mamba", "transformer"], "no modality masking"),
-    "uniform_mask": ("uniform_mask", ["cnn", "mamba", "transformer"], "uniform masking, p = p0"),
-    "concat_mse": ("concat_mse", ["cnn", "mamba", "transformer"], "plain MSE over the concatenation"),
+    "no_mask": ("no_mask", ALL_BRANCHES, "no modality masking"),
+    "uniform_mask": ("uniform_mask", ALL_BRANCHES, "uniform masking, p = p0"),
+    "concat_mse": ("concat_mse", ALL_BRANCHES, "plain MSE over the concatenation"),
 }
 
 
-def base_config(quick: bool, extra: dict | None = None):
-    from bdgf.config import RunConfig
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+
+def step_overrides(pretrain_steps: int, epochs: int) -> dict:
+    """Overrides for ``--pretrain-steps`` / ``--epochs`` (0: keep); masking warm-up = 30 % of the steps."""
+    extra = {}
+    if pretrain_steps:
+        n = pretrain_steps
+        extra.update({"pretrain.steps": n, "pretrain.checkpoint_every": n, "pretrain.log_every": max(1, n // 10),
+                      "pretrain.masking": {"mode": "adaptive", "warmup_steps": max(1, round(0.3 * n))}})
+    if epochs:
+        extra.update({"train.epochs": epochs, "train.patience": epochs})
+    return extra
+
+
+def ablation_overrides(quick: bool, extra: dict | None = None) -> dict:
+    """The overrides on top of RunConfig(): DEMO_OVERRIDES + the ablation's (+ quick) + ``extra``."""
     from bdgf.demo import DEMO_OVERRIDES
 
     over = {**DEMO_OVERRIDES, **ABLATION_OVERRIDES}
     if quick:
         over.update(QUICK_OVERRIDES)
     over.update(extra or {})
-    over["pretrain.seed"] = PRETRAIN_SEED
-    return RunConfig().with_overrides(over), over
+    return over
 
 
-def group_config(base, group: str, quick: bool):
-    over = dict(GROUPS[group])
-    if "pretrain.masking" in over:  # keep the base warmup, change the mode only
-        over["pretrain.masking"] = {**base.pretrain.masking, **over["pretrain.masking"]}
-    return base.with_overrides(over)
+def group_config(over: dict, group: str, pretrain_seed: int):
+    """RunConfig of one pretraining group and seed: the ablation overrides + the group's change."""
+    from bdgf.config import RunConfig
+
+    base = RunConfig().with_overrides({**over, "pretrain.seed": int(pretrain_seed)})
+    change = dict(GROUPS[group])
+    if "pretrain.masking" in change:  # keep the base warm-up, change the mode only
+        change["pretrain.masking"] = {**base.pretrain.masking, **change["pretrain.masking"]}
+    return base.with_overrides(change)
+
+
+def groups_of(variants: list[str]) -> list[str]:
+    """The pretraining groups the variants need, in first-use order."""
+    out: list[str] = []
+    for v in variants:
+        if VARIANTS[v][0] not in out:
+            out.append(VARIANTS[v][0])
+    return out
+
+
+def check_stamp(work: Path, stamp: dict) -> None:
+    """Write ``work/config.json``, or refuse when it already holds another config."""
+    path = work / "config.json"
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(stamp)):
+        raise SystemExit(f"{work} holds results of another preset or config ({path}); pass another --work or delete it")
+    _write_json(path, stamp)
 
 
 def _write_json(path: Path, data) -> None:
@@ -121,136 +190,220 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def prepare_group(work: Path, group: str, base, quick: bool, log) -> dict:
-    """Scene store copy + pretrain + features for one pretraining group (resumable)."""
+# ----------------------------------------------------------------------------------------
+# Runtime estimate
+# ----------------------------------------------------------------------------------------
+
+
+def estimate_seconds(plan: dict, over: dict, train_px: int, test_subset: int) -> dict:
+    """{"pretrain", "classify", "total"} expected seconds for the units of ``plan`` not done yet
+    (plan from :func:`todo`), from COST_S and the config."""
+    per_group = (COST_S["scene"] + over["pretrain.steps"] * COST_S["pretrain_step"]
+                 + len(over["features.timesteps"]) * COST_S["features_per_timestep"])
+    classify = 0.0
+    for variant in plan["runs"]:
+        for branch in VARIANTS[variant][1]:
+            cost = BRANCH_COST_S[branch]
+            classify += over["train.epochs"] * cost["epoch"] * train_px / 100 + test_subset * cost["px"]
+    pretrain = per_group * len(plan["groups"])
+    return {"pretrain": pretrain, "classify": classify, "total": pretrain + classify}
+
+
+def todo(work: Path, variants: list[str], pretrain_seeds: list[int], seeds: list[int]) -> dict:
+    """{"groups": [(group, pretraining seed)], "runs": [variant per missing run]} not yet on disk."""
+    groups = [(g, p) for p in pretrain_seeds for g in groups_of(variants)
+              if not (group_dir(work, g, p) / "group.json").exists()]
+    runs = [v for p in pretrain_seeds for s in seeds for v in variants if not result_path(work, v, p, s).exists()]
+    return {"groups": groups, "runs": runs}
+
+
+def train_pixels(preset: str) -> int:
+    """Train + val pixels of the preset (what one classifier epoch walks over)."""
+    from bdgf.data.synthetic import get_config
+
+    cfg = get_config(preset)
+    return len(cfg.classes) * (cfg.train_per_class + cfg.val_per_class)
+
+
+# ----------------------------------------------------------------------------------------
+# Work units
+# ----------------------------------------------------------------------------------------
+
+
+def group_dir(work: Path, group: str, pretrain_seed: int) -> Path:
+    return work / group / f"p{pretrain_seed}"
+
+
+def result_path(work: Path, variant: str, pretrain_seed: int, seed: int) -> Path:
+    return work / "results" / variant / f"p{pretrain_seed}_s{seed}.json"
+
+
+def prepare_group(work: Path, preset: str, group: str, pretrain_seed: int, over: dict, log) -> dict:
+    """Scene store copy + pretrain + features for one pretraining group and seed (resumable)."""
     from bdgf.data.scene import write_scene
     from bdgf.data.synthetic import make_scene
     from bdgf.engine.features import compute_features
     from bdgf.engine.pretrain import pretrain
     from bdgf.run import read_jsonl
 
-    gdir = work / group
-    gdir.mkdir(parents=True, exist_ok=True)
+    gdir = group_dir(work, group, pretrain_seed)
     done = gdir / "group.json"
     if done.exists():
         return json.loads(done.read_text())
-    store, run = gdir / f"{PRESET}.zarr", gdir / "run"
+    gdir.mkdir(parents=True, exist_ok=True)
+    tag = f"[{group} p{pretrain_seed}]"
+    store, run = gdir / f"{preset}.zarr", gdir / "run"
     t0 = time.perf_counter()
-    write_scene(make_scene(PRESET, SCENE_SEED), store, overwrite=True, progress=False)
-    cfg = group_config(base, group, quick)
-    log(f"[{group}] pretrain {cfg.pretrain.steps} steps, loss={cfg.pretrain.loss_kind}, "
-        f"masking={cfg.pretrain.masking}")
+    write_scene(make_scene(preset, SCENE_SEED), store, overwrite=True, progress=False)
+    cfg = group_config(over, group, pretrain_seed)
+    log(f"{tag} pretrain {cfg.pretrain.steps} steps, loss={cfg.pretrain.loss_kind}, masking={cfg.pretrain.masking}")
     summary = pretrain(store, run, cfg, overwrite=True, progress=False).to_dict()
-    log(f"[{group}] pretrain done in {summary['wall_s']:.0f} s ({summary['tiles_per_s']:.1f} tiles/s); "
-        f"loss/mod={_fmt(summary['loss_per_modality'])} p_mask={_fmt(summary['p_mask'])}")
+    log(f"{tag} pretrain done in {summary['wall_s']:.0f} s; loss/mod={_fmt(summary['loss_per_modality'])} "
+        f"p_mask={_fmt(summary['p_mask'])}")
     feats = compute_features(store, run, progress=False).to_dict()
-    log(f"[{group}] features {feats['state']} in {feats['wall_s']:.0f} s")
+    log(f"{tag} features {feats['state']} in {feats['wall_s']:.0f} s")
     trajectory = [
         {k: v for k, v in row.items() if k == "step" or k.startswith(("loss/", "p_mask/", "loss"))}
         for row in read_jsonl(run / "pretrain" / "log.jsonl") if "step" in row
     ]
-    out = {"group": group, "store": str(store), "run": str(run), "pretrain": summary,
-           "features_wall_s": feats["wall_s"], "trajectory": trajectory,
+    out = {"group": group, "pretrain_seed": pretrain_seed, "store": str(store), "run": str(run),
+           "pretrain": summary, "features_wall_s": feats["wall_s"], "trajectory": trajectory,
            "config": cfg.to_dict(), "wall_s": time.perf_counter() - t0}
     _write_json(done, out)
     return out
 
 
+def scored_test_indices(n_test: int, subset: int) -> np.ndarray:
+    """Sorted indices of the scored test pixels: a fixed random subset (all when subset is 0)."""
+    if not subset or subset >= n_test:
+        return np.arange(n_test)
+    return np.sort(np.random.default_rng(TEST_SUBSET_SEED).choice(n_test, subset, replace=False))
+
+
 def score(store: str, run_dir: str, seed: int, subset: int) -> dict:
-    """Test metrics of run_dir's classifier for ``seed``: engine.classify.evaluate on the whole
-    test split, or the same computation on a fixed random subset of ``subset`` test pixels."""
+    """Test metrics of run_dir's classifier ``seed`` on the fixed test subset (all test pixels when 0)."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from bdgf.data.patches import PatchDataset
     from bdgf.data.scene import Scene
     from bdgf.diffusion.features import LEVELS
-    from bdgf.engine.classify import evaluate, predict
+    from bdgf.engine.classify import predict
     from bdgf.metrics import classification_report
     from bdgf.run import Run
 
-    if not subset:
-        return evaluate(store, run_dir, split="test", seeds=[seed], write_map=False).per_seed[str(seed)]
     cfg = Run(run_dir).config().train
     ds = PatchDataset(store, "test", patch_size=cfg.patch_size, features=LEVELS)
-    idx = np.sort(np.random.default_rng(TEST_SUBSET_SEED).choice(len(ds), min(subset, len(ds)), replace=False))
+    idx = scored_test_indices(len(ds), subset)
     model = Run(run_dir).load_classifier(seed)
     with torch.no_grad():
         y, p, per_branch, _ = predict(model, DataLoader(Subset(ds, idx.tolist()), batch_size=256))
     names = Scene.open(store).class_names
     rep = classification_report(y, p.argmax(1), names)
     rep["branches"] = {b: classification_report(y, q.argmax(1), names) for b, q in per_branch.items()}
+    rep["n_scored"] = int(idx.size)
     return rep
 
 
-def run_variant_seed(work: Path, variant: str, seed: int, group_info: dict, log, subset: int) -> dict:
+def run_one(work: Path, variant: str, pretrain_seed: int, seed: int, group_info: dict, subset: int, log) -> dict:
+    """Train and score one (variant, pretraining seed, classifier seed) run (resumable)."""
     from bdgf.engine.classify import train
 
-    vdir = work / "results" / variant
-    vdir.mkdir(parents=True, exist_ok=True)
-    path = vdir / f"seed{seed}.json"
+    path = result_path(work, variant, pretrain_seed, seed)
     if path.exists():
         return json.loads(path.read_text())
-    _, branches, _ = VARIANTS[variant]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    branches = VARIANTS[variant][1]
     t0 = time.perf_counter()
     # Variants that share a group share its run dir: train() writes train/seed{s}/, so train and
-    # evaluate one (variant, seed) at a time, and keep only the metrics.
+    # score one (variant, seed) at a time, and keep only the metrics.
     r = train(group_info["store"], group_info["run"], seed=seed, overrides={"train.branches": branches},
               progress=False).to_dict()
     rep = score(group_info["store"], group_info["run"], seed, subset)
-    out = {"variant": variant, "seed": seed, "branches": branches, "val_oa": r["val_oa"], "epoch": r["epoch"],
-           "oa": rep["oa"], "aa": rep["aa"], "kappa": rep["kappa"],
-           "per_branch": {b: {k: v[k] for k in ("oa", "aa", "kappa")} for b, v in rep["branches"].items()},
-           "per_class": rep.get("per_class"), "wall_s": time.perf_counter() - t0}
+    out = {"variant": variant, "pretrain_seed": pretrain_seed, "seed": seed, "branches": branches,
+           "val_oa": r["val_oa"], "epoch": r["epoch"], **{k: rep[k] for k in METRICS},
+           "per_branch": {b: {k: v[k] for k in METRICS} for b, v in rep["branches"].items()},
+           "per_class": rep.get("per_class"), "n_scored": rep["n_scored"], "wall_s": time.perf_counter() - t0}
     _write_json(path, out)
-    log(f"[{variant} seed {seed}] OA {out['oa']:.4f} AA {out['aa']:.4f} kappa {out['kappa']:.4f} "
+    log(f"[{variant} p{pretrain_seed} s{seed}] OA {out['oa']:.4f} AA {out['aa']:.4f} kappa {out['kappa']:.4f} "
         f"(val OA {r['val_oa']:.3f} @ epoch {r['epoch']}, {out['wall_s']:.0f} s)")
     return out
 
 
-def _fmt(d: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v:.4f}" for k, v in d.items() if v is not None) + "}"
+# ----------------------------------------------------------------------------------------
+# Statistics and tables
+# ----------------------------------------------------------------------------------------
 
 
-def aggregate(rows: dict[str, list[dict]]) -> dict:
+def by_pair(runs: list[dict], metric: str) -> dict[tuple[int, int], float]:
+    """{(pretraining seed, classifier seed): metric} of one variant's runs."""
+    return {(r["pretrain_seed"], r["seed"]): float(r[metric]) for r in runs}
+
+
+def aggregate(rows: dict[str, list[dict]], reference: str = REFERENCE) -> dict:
+    """Per variant: n, and per metric {"mean", "sd"} over its runs, plus (vs ``reference``, when
+    both have matched runs) "diff": the paired difference variant − reference with its 95 %
+    t-interval, and "diff_by_pretrain": the same over per-pretraining-seed means."""
     agg = {}
-    for v, rs in rows.items():
-        if not rs:
+    for v, runs in rows.items():
+        if not runs:
             continue
-        agg[v] = {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-                  for k in ("oa", "aa", "kappa")}
-        agg[v]["n"] = len(rs)
+        agg[v] = {"n": len(runs)}
+        for k in METRICS:
+            vals = [float(r[k]) for r in runs]
+            agg[v][k] = {"mean": float(np.mean(vals)), "sd": bench_stats.sample_std(vals)}
+            if v != reference and rows.get(reference):
+                mine, ref = by_pair(runs, k), by_pair(rows[reference], k)
+                if set(mine) & set(ref):
+                    agg[v][k]["diff"] = bench_stats.paired_difference(mine, ref).to_dict()
+                    agg[v][k]["diff_by_pretrain"] = bench_stats.clustered_paired_difference(mine, ref).to_dict()
     return agg
 
 
+def _pm(mean: float, sd: float, scale: float, digits: int) -> str:
+    sd_txt = "—" if np.isnan(sd) else f"{scale * sd:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {sd_txt}"
+
+
+def format_interval(d: dict, scale: float, digits: int) -> str:
+    """'−1.23 [−2.10, −0.36] *' (* = the interval excludes 0); '−1.23 (n = 1)' without one."""
+    if d["n"] < 2:
+        return f"{scale * d['mean']:+.{digits}f} (n = {d['n']})"
+    mark = " *" if d["excludes_zero"] else ""
+    return f"{scale * d['mean']:+.{digits}f} [{scale * d['low']:+.{digits}f}, {scale * d['high']:+.{digits}f}]{mark}"
+
+
+_SCALES = {"oa": (100, 2), "aa": (100, 2), "kappa": (1, 4)}
+
+
 def format_table(agg: dict) -> str:
-    lines = [
-        "| variant | what changes | OA (%) | AA (%) | κ | full − variant, OA (in variant σ) | AA (in σ) | κ (in σ) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    full = agg.get("full")
+    """Mean ± sample std per variant (OA, AA in %; κ)."""
+    lines = ["| variant | what changes | runs | OA (%) | AA (%) | κ |", "| --- | --- | --- | --- | --- | --- |"]
     for v, (_, _, desc) in VARIANTS.items():
-        if v not in agg:
+        if v in agg:
+            cells = [_pm(agg[v][k]["mean"], agg[v][k]["sd"], *_SCALES[k]) for k in METRICS]
+            lines.append(f"| {v} | {desc} | {agg[v]['n']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def format_diff_table(agg: dict, key: str = "diff") -> str:
+    """Paired differences variant − full: mean [95 % CI] per metric; * = the CI excludes 0.
+    ``key`` "diff" (over runs) or "diff_by_pretrain" (over per-pretraining-seed means)."""
+    unit = "pairs" if key == "diff" else "pretraining seeds"
+    lines = [f"| variant − full | {unit} | ΔOA (pts) | ΔAA (pts) | Δκ | CI excludes 0 (OA / AA / κ) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for v in VARIANTS:
+        if v not in agg or key not in agg[v]["oa"]:
             continue
-        a = agg[v]
-        cells = [f"{100 * a['oa']['mean']:.2f} ± {100 * a['oa']['std']:.2f}",
-                 f"{100 * a['aa']['mean']:.2f} ± {100 * a['aa']['std']:.2f}",
-                 f"{a['kappa']['mean']:.4f} ± {a['kappa']['std']:.4f}"]
-        margins = []
-        for k, scale in (("oa", 100), ("aa", 100), ("kappa", 1)):
-            if v == "full" or full is None:
-                margins.append("—")
-                continue
-            d = full[k]["mean"] - a[k]["mean"]
-            s = a[k]["std"]
-            unit = f"{d / s:+.1f}σ" if s > 0 else "σ=0"
-            margins.append(f"{scale * d:+.2f}{' pts' if scale == 100 else ''} ({unit})")
-        lines.append(f"| {v} | {desc} | {' | '.join(cells)} | {' | '.join(margins)} |")
+        ds = [agg[v][k][key] for k in METRICS]
+        cells = [format_interval(d, *_SCALES[k]) for d, k in zip(ds, METRICS)]
+        flags = " / ".join("yes" if d["excludes_zero"] else "no" for d in ds)
+        lines.append(f"| {v} | {ds[0]['n']} | {' | '.join(cells)} | {flags} |")
     return "\n".join(lines)
 
 
 def format_per_class(rows: dict[str, list[dict]]) -> str:
-    """Per-class test accuracy (mean over seeds) per variant, to see which class pairs move."""
+    """Per-class test accuracy (mean over runs) per variant, to see which class pairs move."""
     variants = [v for v in rows if rows[v] and rows[v][0].get("per_class")]
     if not variants:
         return ""
@@ -263,6 +416,17 @@ def format_per_class(rows: dict[str, list[dict]]) -> str:
             cells.append(f"{100 * np.mean(vals):.1f}" if vals else "—")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_branches(runs: list[dict]) -> str:
+    """'cnn 90.1 ± 2.0, ...': the full model's branches scored on their own (OA %, mean ± sample std)."""
+    if not runs:
+        return ""
+    out = []
+    for b in runs[0]["per_branch"]:
+        oas = [r["per_branch"][b]["oa"] for r in runs]
+        out.append(f"{b} {_pm(float(np.mean(oas)), bench_stats.sample_std(oas), 100, 2)}")
+    return ", ".join(out)
 
 
 def format_trajectory(info: dict, names: list[str], n_points: int = 6) -> str:
@@ -283,6 +447,10 @@ def format_trajectory(info: dict, names: list[str], n_points: int = 6) -> str:
     return "\n".join(lines)
 
 
+def _fmt(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:.4f}" for k, v in d.items() if v is not None) + "}"
+
+
 def write_results(path: Path, section: str) -> None:
     """Replace (or append) the section of RESULTS.md whose title is ``section``'s first line
     (a '## ...' heading); the other sections are kept."""
@@ -297,33 +465,68 @@ def write_results(path: Path, section: str) -> None:
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None):
+    from bdgf.data.synthetic import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="synthetic scene preset")
+    ap.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="pretraining seeds (denoiser init and tile stream; features recomputed per seed)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds")
-    ap.add_argument("--quick", action="store_true", help="smoke check: 1 seed, tiny steps/epochs")
-    ap.add_argument("--work", default=None, help="work dir for stores, runs and per-variant JSON "
-                    "(default /tmp/bdgf_bench/ablation[_quick])")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 1 × 1 seeds, tiny steps/epochs")
+    ap.add_argument("--estimate", action="store_true", help="print the expected runtime and exit")
+    ap.add_argument("--work", default=None, help="work dir for stores, runs and per-run JSON "
+                    "(default /tmp/bdgf_bench/ablation_<preset>[_quick])")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--results", default=None, help="write the section into this RESULTS.md")
-    ap.add_argument("--title", default="Ablations on the imbalance preset",
-                    help="RESULTS.md section title (a rerun with another config can get its own section)")
+    ap.add_argument("--title", default=None, help="RESULTS.md section title (default: 'Ablations on the <preset> preset')")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     ap.add_argument("--pretrain-steps", type=int, default=0,
                     help="override pretrain.steps (masking warm-up = 30%% of it; 0: ABLATION_OVERRIDES)")
     ap.add_argument("--epochs", type=int, default=0, help="override train.epochs and patience (0: ABLATION_OVERRIDES)")
-    ap.add_argument("--test-subset", type=int, default=TEST_SUBSET,
-                    help=f"score a fixed random subset of this many test pixels (0: all; default {TEST_SUBSET})")
+    ap.add_argument("--test-subset", type=int, default=None,
+                    help=f"score a fixed random subset of this many test pixels (0: all; default {TEST_SUBSET}, "
+                         f"{QUICK_TEST_SUBSET} with --quick)")
     args = ap.parse_args(argv)
+    if REFERENCE not in args.variants:
+        ap.error(f"--variants must include {REFERENCE!r}: every other variant is compared with it")
+    if args.quick:
+        args.pretrain_seeds, args.seeds = args.pretrain_seeds[:1], args.seeds[:1]
+    if args.test_subset is None:
+        args.test_subset = QUICK_TEST_SUBSET if args.quick else TEST_SUBSET
+    args.title = args.title or f"Ablations on the {args.preset} preset"
+    return args
 
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    if args.quick and args.test_subset == TEST_SUBSET:
-        args.test_subset = 300
-    work = Path(args.work or f"/tmp/bdgf_bench/ablation{'_quick' if args.quick else ''}")
-    work.mkdir(parents=True, exist_ok=True)
+def command_line(args) -> str:
+    """The command that reproduces this table."""
+    parts = [".venv/bin/python benchmarks/bench_ablation.py", f"--preset {args.preset}"]
+    parts += ["--quick"] if args.quick else []
+    parts += [f"--pretrain-seeds {' '.join(map(str, args.pretrain_seeds))}", f"--seeds {' '.join(map(str, args.seeds))}",
+              f"--test-subset {args.test_subset}"]
+    parts += [f"--pretrain-steps {args.pretrain_steps}"] if args.pretrain_steps else []
+    parts += [f"--epochs {args.epochs}"] if args.epochs else []
+    parts += [f"--variants {' '.join(args.variants)}"] if args.variants != list(VARIANTS) else []
+    parts += [f"--work {args.work}"] if args.work else []
+    parts += [f"--threads {args.threads}"] if args.threads else []
+    return " ".join(parts)
+
+
+def scene_line(preset: str) -> str:
+    from bdgf.data.synthetic import get_config
+
+    c = get_config(preset)
+    return (f"synthetic `{preset}` (seed {SCENE_SEED}; {c.height}×{c.width}, HSI {c.hsi_bands} + "
+            f"{c.elevation_name} {c.lidar_bands}, {len(c.classes)} classes, {c.train_per_class} train / "
+            f"{c.val_per_class} val px per class)")
+
+
+def make_logger(work: Path):
     logf = open(work / "progress.log", "a")
 
     def log(msg: str) -> None:
@@ -332,110 +535,126 @@ def main(argv: list[str] | None = None) -> int:
         logf.write(line + "\n")
         logf.flush()
 
-    extra = {}
-    if args.pretrain_steps:
-        n = args.pretrain_steps
-        extra.update({"pretrain.steps": n, "pretrain.checkpoint_every": n, "pretrain.log_every": max(1, n // 10),
-                      "pretrain.masking": {"mode": "adaptive", "warmup_steps": max(1, round(0.3 * n))}})
-    if args.epochs:
-        extra.update({"train.epochs": args.epochs, "train.patience": args.epochs})
-    base, over = base_config(args.quick, extra)
-    stamp = work / "config.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(over)):
-        raise SystemExit(f"{work} holds results of another config ({stamp}); pass another --work or delete it")
-    _write_json(stamp, over)
-    log(f"work dir {work}; seeds {seeds}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"overrides {over}")
-    t_all = time.perf_counter()
-    groups_needed = []
-    for v in args.variants:
-        g = VARIANTS[v][0]
-        if g not in groups_needed:
-            groups_needed.append(g)
-    infos = {}
+    return log
+
+
+def run_all(args, work: Path, over: dict, log) -> tuple[dict, dict]:
+    """Every (pretraining seed, classifier seed, variant) run, pretraining-seed-major so that a run
+    cut short holds complete blocks; each group prepared when first needed. (infos, rows)."""
+    infos: dict[tuple[str, int], dict] = {}
     rows: dict[str, list[dict]] = {v: [] for v in args.variants}
-    # Seed-major: every variant with seed 0 first (each pretraining group prepared when first
-    # needed), then seed 1, ...: a run cut short still has a complete table for the first seeds.
-    for s in seeds:
-        for v in args.variants:
-            g = VARIANTS[v][0]
-            if g not in infos:
-                infos[g] = prepare_group(work, g, base, args.quick, log)
-            rows[v].append(run_variant_seed(work, v, s, infos[g], log, args.test_subset))
-    agg = aggregate(rows)
-    recorded = sum(i["wall_s"] for i in infos.values()) + sum(r["wall_s"] for rs in rows.values() for r in rs)
-    _write_json(work / "summary.json", {"aggregate": agg, "seeds": seeds, "overrides": over})
-    wall = time.perf_counter() - t_all
+    for p in args.pretrain_seeds:
+        for s in args.seeds:
+            for v in args.variants:
+                g = VARIANTS[v][0]
+                if (g, p) not in infos:
+                    infos[g, p] = prepare_group(work, args.preset, g, p, over, log)
+                rows[v].append(run_one(work, v, p, s, infos[g, p], args.test_subset, log))
+    return infos, rows
+
+
+def build_section(args, infos: dict, rows: dict, agg: dict, over: dict, wall: float) -> str:
+    import torch
 
     from bdgf.data.scene import Scene
 
-    names = Scene.open(infos[groups_needed[0]]["store"]).modality_names
-    table = format_table(agg)
-    traj = format_trajectory(infos["full"], names) if "full" in infos else ""
-    other = []
-    for g in groups_needed:
-        s = infos[g]["pretrain"]
-        other.append(f"| {g} | {_fmt(s['loss_per_modality'])} | {_fmt(s['p_mask'])} | {s['wall_s']:.0f} |")
-    branch_rows = []
-    for v in args.variants:
-        if v == "full" and rows[v]:
-            for b in rows[v][0]["per_branch"]:
-                oas = [r["per_branch"][b]["oa"] for r in rows[v]]
-                branch_rows.append(f"{b} {100 * np.mean(oas):.2f} ± {100 * np.std(oas):.2f}")
-    print("\n" + table + "\n")
-    print(format_per_class(rows) + "\n")
-    print("Masking trajectory of the full run:\n" + traj + "\n")
-    section = "\n".join([
+    first = infos[REFERENCE, args.pretrain_seeds[0]]
+    names = Scene.open(first["store"]).modality_names
+    recorded = sum(i["wall_s"] for i in infos.values()) + sum(r["wall_s"] for rs in rows.values() for r in rs)
+    n_test = rows[REFERENCE][0]["n_scored"]
+    finals = [f"| {g} | {p} | {_fmt(i['pretrain']['loss_per_modality'])} | {_fmt(i['pretrain']['p_mask'])} | "
+              f"{i['pretrain']['wall_s']:.0f} |" for (g, p), i in sorted(infos.items())]
+    return "\n".join([
         f"## {args.title}",
         "",
-        f"Run {_dt.date.today().isoformat()} on {platform.node() or 'this machine'}: 2 CPU cores shared with other "
-        f"jobs (load average {LOAD0[0]:.1f} / {LOAD0[1]:.1f} / {LOAD0[2]:.1f} at start; end {__import__('os').getloadavg()[0]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
-        f"compute recorded for the whole ablation {recorded / 60:.1f} min (sum over pretraining groups and "
-        f"classifier runs; this invocation {wall / 60:.1f} min).",
+        f"Run {_dt.date.today().isoformat()} on {platform.node() or 'this machine'}: {os.cpu_count()} CPU cores "
+        f"(load average {LOAD0[0]:.1f} / {LOAD0[1]:.1f} / {LOAD0[2]:.1f} at start; end {os.getloadavg()[0]:.1f}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; compute recorded for the whole "
+        f"ablation {recorded / 60:.1f} min (this invocation {wall / 60:.1f} min).",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_ablation.py{' --quick' if args.quick else ''}"
-        f" --seeds {' '.join(map(str, seeds))} --test-subset {args.test_subset}"
-        f"{' --pretrain-steps ' + str(args.pretrain_steps) if args.pretrain_steps else ''}"
-        f"{' --epochs ' + str(args.epochs) if args.epochs else ''}"
-        f"{' --variants ' + ' '.join(args.variants) if args.variants != list(VARIANTS) else ''}"
-        f"{' --work ' + str(args.work) if args.work else ''}"
-        f"{' --threads ' + str(args.threads) if args.threads else ''}`. "
-        f"Scene: synthetic `{PRESET}` (seed {SCENE_SEED}; 128×128, "
-        "HSI 80 + LiDAR 1, 8 classes, 20 train / 5 val px per class). Config: `DEMO_OVERRIDES` + "
-        f"`{({**ABLATION_OVERRIDES, **QUICK_OVERRIDES} if args.quick else ABLATION_OVERRIDES) | extra}`. "
-        f"Pretraining and features: seed {PRETRAIN_SEED}, shared by every variant of a group (the "
-        "branch-alone variants reuse the full model's denoiser and features); classifier seeds "
-        f"{seeds}. ± is the population std over classifier seeds (not over pretraining seeds). "
-        "Margin = (full − variant) in points and in units of the variant's std; positive = full wins. "
-        "Model selection on val, numbers on test"
-        + (f" (a fixed random subset of {args.test_subset} of the 7268 test pixels, the same for every "
-           f"variant and seed, drawn with seed {TEST_SUBSET_SEED})." if args.test_subset else " (whole split)."),
+        f"Command: `{command_line(args)}`. Scene: {scene_line(args.preset)}. Config: `DEMO_OVERRIDES` + "
+        f"`{changed_from_demo(over)}`.",
+        f"Pretraining seeds {args.pretrain_seeds} × classifier seeds {args.seeds}: one denoiser per group and "
+        "pretraining seed (the branch-alone variants reuse the full model's), features recomputed from each. "
+        f"Model selection on val; numbers on {n_test} test pixels (the same for every run"
+        + (f"; a fixed random subset drawn with seed {TEST_SUBSET_SEED})." if args.test_subset else "; the whole split)."),
         "",
-        table,
+        "Mean ± sample std (ddof 1) over runs:",
         "",
-        "Branches of the full model scored on their own (its 3-branch ensemble's heads): " + ", ".join(branch_rows),
+        format_table(agg),
         "",
-        "Per-class test accuracy (%, mean over seeds). Elevation-only pairs: grass/trees, "
-        "parking_lot/roof_concrete; HSI-only pairs: road/parking_lot, grass/soil, roof_concrete/roof_metal.",
+        "Paired difference variant − full over matched (pretraining seed, classifier seed) pairs: mean "
+        "[95 % t-interval, n − 1 df]; negative = the variant is worse; * = the interval excludes 0.",
+        "",
+        format_diff_table(agg, "diff"),
+        "",
+        "The same, conservative: differences averaged within each pretraining seed first (runs that share "
+        "a denoiser are not independent), t-interval over those means.",
+        "",
+        format_diff_table(agg, "diff_by_pretrain"),
+        "",
+        f"Branches of the full model scored on their own (OA %, its 3-branch ensemble's heads): {format_branches(rows[REFERENCE])}",
+        "",
+        "Per-class test accuracy (%, mean over runs):",
         "",
         format_per_class(rows),
         "",
-        "### Masking trajectory of the full run (adaptive masking, balanced loss)",
+        f"### Masking trajectory of the full run (pretraining seed {args.pretrain_seeds[0]})",
         "",
-        traj,
+        format_trajectory(first, names),
         "",
-        "Final state of every pretraining group (last step's batch):",
+        "Final state of every pretraining (last step's batch):",
         "",
-        "| group | loss per modality | p_mask | pretrain wall (s) |",
-        "| --- | --- | --- | --- |",
-        *other,
+        "| group | pretraining seed | loss per modality | p_mask | pretrain wall (s) |",
+        "| --- | --- | --- | --- | --- |",
+        *finals,
         "",
     ])
+
+
+def changed_from_demo(over: dict) -> dict:
+    """The overrides that differ from DEMO_OVERRIDES (what the section's config line shows)."""
+    from bdgf.demo import DEMO_OVERRIDES
+
+    return {k: v for k, v in over.items() if DEMO_OVERRIDES.get(k) != v}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    over = ablation_overrides(args.quick, step_overrides(args.pretrain_steps, args.epochs))
+    work = Path(args.work or f"/tmp/bdgf_bench/ablation_{args.preset}{'_quick' if args.quick else ''}")
+    est = estimate_seconds(todo(work, args.variants, args.pretrain_seeds, args.seeds), over,
+                           train_pixels(args.preset), args.test_subset)
+    n_runs = len(args.variants) * len(args.pretrain_seeds) * len(args.seeds)
+    print(f"expected runtime ~{est['total'] / 60:.0f} min on 2 quiet cores for what is not done yet in {work} "
+          f"(pretraining + features {est['pretrain'] / 60:.1f} min, classifiers {est['classify'] / 60:.1f} min; "
+          f"{n_runs} runs in all); load stretches it ~2-4×", flush=True)
+    if args.estimate:
+        return 0
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    check_stamp(work, {"preset": args.preset, "scene_seed": SCENE_SEED, "test_subset": args.test_subset,
+                       "overrides": over})
+    log = make_logger(work)
+    log(f"work dir {work}; preset {args.preset}; pretraining seeds {args.pretrain_seeds}; classifier seeds "
+        f"{args.seeds}; torch {torch.__version__}, {torch.get_num_threads()} threads; overrides {over}")
+    t_all = time.perf_counter()
+    infos, rows = run_all(args, work, over, log)
+    agg = aggregate(rows)
+    _write_json(work / "summary.json", {"aggregate": agg, "pretrain_seeds": args.pretrain_seeds,
+                                        "seeds": args.seeds, "preset": args.preset, "overrides": over})
+    wall = time.perf_counter() - t_all
+    section = build_section(args, infos, rows, agg, over, wall)
+    print("\n" + format_table(agg) + "\n\n" + format_diff_table(agg) + "\n\n" + format_per_class(rows) + "\n")
     (work / "section.md").write_text(section)
     if args.results:
         write_results(Path(args.results), section)
         log(f"wrote section into {args.results}")
-    log(f"done in {wall / 60:.1f} min")
+    log(f"done in {wall / 60:.1f} min (estimated {est['total'] / 60:.1f} min)")
     return 0
 
 

@@ -20,7 +20,9 @@ How a scene is made (every step draws from its own seeded numpy Generator stream
 3. **Elevation** (1, H, W) DSM in metres (2 bands with LiDAR intensity where the preset asks):
    terrain = plane + smooth relief; ground classes sit on it; water is flat per water body;
    trees get a rough canopy within their height range; buildings are flat-topped rectangles with a
-   height per building (area-stratified over the class range), so their edges are sharp.
+   height per building (area-stratified over the class range), so their edges are sharp; plus
+   white sensor noise and, where the preset asks, a spatially correlated error whose std varies
+   across the scene (``elevation_error_std``).
 4. **SAR** (4, H, W) in dB where the preset asks: a class mean backscatter per polarisation
    (VV, VH, HH, HV: specular water, rough surfaces, volume scattering of canopy, double bounce of
    buildings), multiplied by gamma speckle of ``sar_looks`` looks, then 10·log10.
