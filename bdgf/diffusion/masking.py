@@ -3,7 +3,7 @@
 Glossary (letters as in docs/glossary.md)
     B   batch size
     M   number of modalities
-    P   paired rows of a batch (see ``pair_plan``)
+    N   pairs: samples of a batch denoised twice (see ``pair_plan``)
 
 Each step, modality m of a training row is masked (present = 0) with probability p_m (never all
 modalities of a row at once: if a draw masks all of them, ONE modality chosen uniformly at random
@@ -11,7 +11,7 @@ is unmasked again). The probabilities adapt to how much the denoiser leans on ea
 
 Dependence, measured on pairs. The loss of a row varies with its timestep far more than with any
 masking effect, so comparing rows where m was masked with OTHER rows (another t, eps, tile) measures
-mostly the timestep mix. Instead, on P rows of each batch (``pair_plan``) the same (x0, t, eps) is
+mostly the timestep mix. Instead, on N rows of each batch (``pair_plan``) the same (x0, t, eps) is
 denoised twice, once with one modality m masked and once with nothing masked, and each pair gives
 
     r = log L_{¬m | m masked} − log L_{¬m | none}
@@ -46,6 +46,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from bdgf.errors import InputError
 
 __all__ = ["MaskingConfig", "AdaptiveModalityMasking"]
 
@@ -131,7 +133,7 @@ class AdaptiveModalityMasking:
         return (~masked).to(torch.float32).to(out_dev)
 
     def num_pairs(self, batch_size: int) -> int:
-        """P = ceil(paired_fraction · B), raised to M where the batch allows (one pair per modality);
+        """N = ceil(paired_fraction · B), raised to M where the batch allows (one pair per modality);
         0 when paired_fraction is 0."""
         f = self.config.paired_fraction
         if f == 0.0 or batch_size == 0:
@@ -140,31 +142,31 @@ class AdaptiveModalityMasking:
 
     def pair_plan(self, batch_size: int, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows (P,), modality (P,)) int64: P distinct rows at random positions, and the modality
-        each pair masks; modalities cycle from a random start, so each gets floor or ceil of P/M."""
-        P, M = self.num_pairs(batch_size), self.num_modalities
+        """(rows (N,), modality (N,)) int64: N distinct rows at random positions, and the modality
+        each pair masks; modalities cycle from a random start, so each gets floor or ceil of N/M."""
+        N, M = self.num_pairs(batch_size), self.num_modalities
         gdev = generator.device if generator is not None else torch.device("cpu")
         out_dev = device if device is not None else gdev
-        rows = torch.randperm(batch_size, generator=generator, device=gdev)[:P]
+        rows = torch.randperm(batch_size, generator=generator, device=gdev)[:N]
         start = torch.randint(0, M, (1,), generator=generator, device=gdev)
-        modality = (start + torch.arange(P, device=gdev)) % M
+        modality = (start + torch.arange(N, device=gdev)) % M
         return rows.to(out_dev), modality.to(out_dev)
 
     # ------------------------------------------------------------------ adaptation
     def update(self, pair_log_ratio: torch.Tensor, pair_masked: torch.Tensor) -> None:
         """Fold one step's pairs into the statistics and recompute p.
 
-        pair_log_ratio (P, M): at [i, m], log L_{¬m|m masked} − log L_{¬m|none} of pair i (other
-        entries are ignored); pair_masked (P, M) 0/1: 1 at the modality pair i masked (one-hot
-        rows). P may be 0 (the statistics still decay by one step). A NaN/inf ratio (a diverged
+        pair_log_ratio (N, M): at [i, m], log L_{¬m|m masked} − log L_{¬m|none} of pair i (other
+        entries are ignored); pair_masked (N, M) 0/1: 1 at the modality pair i masked (one-hot
+        rows). N may be 0 (the statistics still decay by one step). A NaN/inf ratio (a diverged
         model) is left out, so the statistics stay finite; the step's own loss check stops the run."""
         M = self.num_modalities
         if pair_log_ratio.shape != pair_masked.shape or pair_log_ratio.ndim != 2 or pair_masked.shape[1] != M:
-            raise ValueError(f"pair_log_ratio and pair_masked must both be (P,{M}), got "
+            raise ValueError(f"pair_log_ratio and pair_masked must both be (N,{M}), got "
                              f"{tuple(pair_log_ratio.shape)} and {tuple(pair_masked.shape)}")
         r = pair_log_ratio.detach().to("cpu", torch.float64)
         finite = torch.isfinite(r)
-        w = ((pair_masked.detach().to("cpu", torch.float64) > 0.5) & finite).to(torch.float64)  # (P, M)
+        w = ((pair_masked.detach().to("cpu", torch.float64) > 0.5) & finite).to(torch.float64)  # (N, M)
         r = torch.where(w > 0, r, torch.zeros_like(r))
         a = self.config.ema
         self.w_sum = a * self.w_sum + w.sum(0)
@@ -237,8 +239,8 @@ class AdaptiveModalityMasking:
                              f"this one has {self.num_modalities}")
         missing = {"w_sum", "w2_sum", "r_sum", "r2_sum"} - set(state)
         if missing:
-            raise ValueError(f"masking state has no {sorted(missing)}: it was saved by the unpaired masking "
-                             "of an older version; start the run over")
+            raise InputError(f"masking state has no {sorted(missing)}: it was saved by the unpaired masking "
+                             "of an older version; start the run over (--overwrite)")
         self.config = MaskingConfig(**state["config"])
         self.step = int(state["step"])
         self._p = torch.tensor(state["probabilities"], dtype=torch.float64)

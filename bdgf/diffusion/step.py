@@ -7,7 +7,7 @@ Glossary (letters as in docs/glossary.md)
     S   side of the clean windows x0 (pretraining tiles: S = T, no halo; the code's messages
         call the two sides H, W)
     t   diffusion timestep of each sample, (B,)
-    P   paired rows of the batch (the masking's dependence estimate)
+    N   pairs: samples of the batch denoised twice (the masking's dependence estimate)
 
 The same function serves a single-process loop and a Ray Train / DeepSpeed loop: the caller owns
 the optimizer (``loss.backward(); opt.step()`` or ``engine.backward(loss); engine.step()``).
@@ -52,15 +52,15 @@ def paired_log_ratios(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoise the same (x0, t, eps) of each paired row twice: modality m masked, and nothing masked.
 
-    x0, eps (B, C, S, S); t, sqrt_ab, sqrt_1mab (B,); rows, pair_modality (P,) int64 (from
+    x0, eps (B, C, S, S); t, sqrt_ab, sqrt_1mab (B,); rows, pair_modality (N,) int64 (from
     ``masking.pair_plan``); valid (B, S, S) or None. One forward of 2P rows, under no_grad and in
     eval mode (dropout off, so the two halves differ only by the masking); the mode is restored.
-    Returns (log_ratio (P, M), masked (P, M) one-hot float32): log_ratio[i, m_i] =
+    Returns (log_ratio (N, M), masked (N, M) one-hot float32): log_ratio[i, m_i] =
     log L_{¬m|m masked} − log L_{¬m|none} of pair i (losses floored at 1e-12), 0 elsewhere.
     """
-    M, P, device = num_modalities, rows.shape[0], x0.device
-    masked = torch.nn.functional.one_hot(pair_modality.to(device), M).to(torch.float32)  # (P, M)
-    if P == 0:
+    M, N, device = num_modalities, rows.shape[0], x0.device
+    masked = torch.nn.functional.one_hot(pair_modality.to(device), M).to(torch.float32)  # (N, M)
+    if N == 0:
         return torch.zeros(0, M, device=device), masked
     rows = rows.to(device)
     twice = lambda v: torch.cat([v[rows], v[rows]])  # noqa: E731 - (2P, ...): masked half, then unmasked half
@@ -77,10 +77,10 @@ def paired_log_ratios(
                                        None if valid is None else twice(valid)).float()  # (2P, M)
     finally:
         model.train(was_training)
-    others = 1.0 - masked  # (P, M): the modalities other than the masked one
-    loss_masked = (per_mod[:P] * others).sum(1) / (M - 1)  # (P,) L_{¬m|m masked}
-    loss_none = (per_mod[P:] * others).sum(1) / (M - 1)  # (P,) L_{¬m|none}
-    log_ratio = loss_masked.clamp_min(1e-12).log() - loss_none.clamp_min(1e-12).log()  # (P,)
+    others = 1.0 - masked  # (N, M): the modalities other than the masked one
+    loss_masked = (per_mod[:N] * others).sum(1) / (M - 1)  # (N,) L_{¬m|m masked}
+    loss_none = (per_mod[N:] * others).sum(1) / (M - 1)  # (N,) L_{¬m|none}
+    log_ratio = loss_masked.clamp_min(1e-12).log() - loss_none.clamp_min(1e-12).log()  # (N,)
     return masked * log_ratio[:, None], masked
 
 
@@ -105,9 +105,10 @@ def diffusion_training_step(
     loss_kind: "balanced" (per-modality means averaged, DESIGN §1.2) or "concat" (plain MSE ablation).
     weights (M,) or None: modality weights of the balanced loss (None: 1/M each).
     valid (B, S, S) bool/0-1 or None: valid pixels. Invalid pixels are set to 0 in x0 (the band
-    mean, as the stores already have them; NaN there is fine too) and left out of every loss (see ``bdgf.diffusion.loss``).
+    mean, as the stores already have them; NaN there is fine too) and left out of every loss
+    (see ``bdgf.diffusion.loss``).
 
-    The training loss covers the batch with the sampled presence flags. Separately, P rows
+    The training loss covers the batch with the sampled presence flags. Separately, N rows
     (``masking.pair_plan``) are denoised twice without gradient (:func:`paired_log_ratios`) and
     ``masking`` is updated with their log loss ratios. logs (floats): "loss", "loss/<name>"
     (batch-mean per-modality MSE), "p_mask/<name>" (p after the update), "present/<name>" (share
@@ -136,11 +137,11 @@ def diffusion_training_step(
     t = schedule.sample_timesteps(B, generator).to(device)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(device)  # (B, C, S, S)
     present = masking.sample(B, generator, device)  # (B, M)
-    rows, pair_modality = masking.pair_plan(B, generator, device)  # (P,), (P,)
+    rows, pair_modality = masking.pair_plan(B, generator, device)  # (N,), (N,)
     sqrt_ab, sqrt_1mab = schedule.coefficients(t, x0.dtype)  # (B,), (B,)
 
     log_ratio, pair_masked = paired_log_ratios(model, x0, eps, t, sqrt_ab, sqrt_1mab, rows, pair_modality,
-                                               channel_modality, M, valid)  # (P, M), (P, M)
+                                               channel_modality, M, valid)  # (N, M), (N, M)
 
     mask_embed = unwrap_model(model).mask_embedding  # (C,)
     x_t = noise_and_mask(x0, eps, sqrt_ab, sqrt_1mab, present, mask_embed, channel_modality)
