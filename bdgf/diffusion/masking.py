@@ -33,7 +33,11 @@ exp(D_m) is the geometric-mean loss ratio, the analogue of DESIGN's 1 + D_m. A m
 masking hurts the others' reconstruction more (the model leans on it) is masked MORE, so the
 model learns to use the others. p is a function of the current estimate: a modality whose D stops
 being distinguishable from zero goes back to its neutral weight (a chance excursion of the gate is
-not kept). p stays p0 until ``warmup_steps`` updates have passed.
+not kept). p stays p0 until ``warmup_steps`` updates have passed. With no dependence at all, a
+z = 2 gate still opens by chance on about 5 % of the steps per modality (synthetic losses: 6-18 %
+of the steps for either of 2 modalities over 8 seeds; z = 3: under 2 %), each time by about 2 se.
+
+Cost: one extra forward of 2N rows per step, without gradient (N = B/4 by default).
 
 Modes: "adaptive" (the method), "uniform" (p_m = p0 fixed: ablation), "none" (nothing masked in
 training rows: ablation). The pairs and the statistics are kept in every mode, so D_m can be
