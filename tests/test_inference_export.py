@@ -55,6 +55,36 @@ def test_graph_features_equal_the_cached_feature_path(graph):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_graph_features_equal_the_cache_on_the_whole_patch_ring(graph):
+    """Every pixel a patch of the tile reads (the tile and r around it) has, in the graph, exactly
+    the features the cache holds for it: those of the tile that owns it (tile invariance)."""
+    from bdgf.diffusion.features import region_features
+    from bdgf.tiler import TileGrid
+
+    model, denoiser, _ = graph
+    g = torch.Generator().manual_seed(5)
+    H = W = 24
+    scene = torch.randn(C, H + 2 * 64, W + 2 * 64, generator=g)  # a scene with context all around
+
+    def read(r0, c0, h, w):
+        return scene[:, 64 + r0 : 64 + r0 + h, 64 + c0 : 64 + c0 + w].numpy()
+
+    grid = TileGrid(H, W, T, HALO)
+    r = P // 2
+    cache_spec = FeatureSpec("test", SPEC.timesteps, 1, SPEC.noise_seed, T, 28, "concat")
+    for origin in [(8, 8), (12, 4)]:
+        r0, c0, side = grid.window(origin)
+        window = torch.from_numpy(read(r0, c0, side, side))[None]
+        noise = torch.from_numpy(tile_noise(SPEC, C, [(r0, c0)], side))
+        with torch.no_grad():
+            feats = model.features(window, noise)
+        for level in ("low", "mid", "high"):
+            ring = feats[level][0, :, HALO - r : HALO + T + r, HALO - r : HALO + T + r]
+            cached = region_features(denoiser, NoiseSchedule(), read, cache_spec, origin[0] - r, origin[1] - r,
+                                     T + 2 * r, T + 2 * r)[level]
+            torch.testing.assert_close(ring, cached, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("present", [(1.0, 1.0), (1.0, 0.0)])
 def test_graph_classifies_each_pixel_from_its_own_patch(graph, present):
     """Every pixel of the tile (its ring included) equals the patch-wise classifier on its own
