@@ -86,12 +86,14 @@ QUICK_OVERRIDES = {
     "train.epochs": 2,
     "train.patience": 2,
 }
-# Scoring every test pixel costs more than training on these scenes: by default score a fixed
+# Scoring every test pixel costs as much as training on these scenes: by default score a fixed
 # random subset (the same pixels for every variant and seed, drawn with TEST_SUBSET_SEED before
-# anything is trained; 0 = the whole test split).
+# anything is trained and written into each store copy as split SCORED_SPLIT; 0 = the whole test
+# split).
 TEST_SUBSET = 2000
 QUICK_TEST_SUBSET = 300
 TEST_SUBSET_SEED = 12345
+SCORED_SPLIT = "scored"  # the split the subset is written to in each store copy
 
 # Runtime model for the estimate, seconds, measured with 1 torch thread on 2 cores at load ~1
 # (the pilot of 2026-12-03 on the ``hard`` preset: 117 train + val px; heavier load stretches
@@ -238,8 +240,10 @@ def result_path(work: Path, variant: str, pretrain_seed: int, seed: int) -> Path
     return work / "results" / variant / f"p{pretrain_seed}_s{seed}.json"
 
 
-def prepare_group(work: Path, preset: str, group: str, pretrain_seed: int, over: dict, log) -> dict:
-    """Scene store copy + pretrain + features for one pretraining group and seed (resumable)."""
+def prepare_group(work: Path, preset: str, group: str, pretrain_seed: int, over: dict, test_subset: int,
+                  log) -> dict:
+    """Scene store copy (with the scored test subset as split SCORED_SPLIT) + pretrain + features
+    for one pretraining group and seed (resumable)."""
     from bdgf.data.scene import write_scene
     from bdgf.data.synthetic import make_scene
     from bdgf.engine.features import compute_features
@@ -254,7 +258,9 @@ def prepare_group(work: Path, preset: str, group: str, pretrain_seed: int, over:
     tag = f"[{group} p{pretrain_seed}]"
     store, run = gdir / f"{preset}.zarr", gdir / "run"
     t0 = time.perf_counter()
-    write_scene(make_scene(preset, SCENE_SEED), store, overwrite=True, progress=False)
+    data = make_scene(preset, SCENE_SEED)
+    data.labels[SCORED_SPLIT] = scored_labels(data.labels["test"], test_subset)
+    write_scene(data, store, overwrite=True, progress=False)
     cfg = group_config(over, group, pretrain_seed)
     log(f"{tag} pretrain {cfg.pretrain.steps} steps, loss={cfg.pretrain.loss_kind}, masking={cfg.pretrain.masking}")
     summary = pretrain(store, run, cfg, overwrite=True, progress=False).to_dict()
@@ -280,32 +286,27 @@ def scored_test_indices(n_test: int, subset: int) -> np.ndarray:
     return np.sort(np.random.default_rng(TEST_SUBSET_SEED).choice(n_test, subset, replace=False))
 
 
-def score(store: str, run_dir: str, seed: int, subset: int) -> dict:
-    """Test metrics of run_dir's classifier ``seed`` on the fixed test subset (all test pixels when 0)."""
-    import torch
-    from torch.utils.data import DataLoader, Subset
+def scored_labels(test: np.ndarray, subset: int) -> np.ndarray:
+    """(H, W) the test raster kept on a fixed random subset of ``subset`` of its labelled pixels
+    (row-major order, drawn with TEST_SUBSET_SEED; all of them when 0), 0 elsewhere."""
+    coords = np.argwhere(test > 0)
+    keep = tuple(coords[scored_test_indices(len(coords), subset)].T)
+    out = np.zeros_like(test)
+    out[keep] = test[keep]
+    return out
 
-    from bdgf.data.patches import PatchDataset
+
+def score(store: str, run_dir: str, seed: int) -> dict:
+    """Test metrics of run_dir's classifier ``seed`` on the store's SCORED_SPLIT (the fixed test
+    subset written with the scene), through the library's own ``evaluate``."""
     from bdgf.data.scene import Scene
-    from bdgf.diffusion.features import LEVELS
-    from bdgf.engine.classify import predict
-    from bdgf.metrics import classification_report
-    from bdgf.run import Run
+    from bdgf.engine.classify import evaluate
 
-    cfg = Run(run_dir).config().train
-    ds = PatchDataset(store, "test", patch_size=cfg.patch_size, features=LEVELS)
-    idx = scored_test_indices(len(ds), subset)
-    model = Run(run_dir).load_classifier(seed)
-    with torch.no_grad():
-        y, p, per_branch, _ = predict(model, DataLoader(Subset(ds, idx.tolist()), batch_size=256))
-    names = Scene.open(store).class_names
-    rep = classification_report(y, p.argmax(1), names)
-    rep["branches"] = {b: classification_report(y, q.argmax(1), names) for b, q in per_branch.items()}
-    rep["n_scored"] = int(idx.size)
-    return rep
+    rep = evaluate(store, run_dir, split=SCORED_SPLIT, seeds=[seed], write_map=False).per_seed[str(seed)]
+    return {**rep, "n_scored": int(np.count_nonzero(Scene.open(store).labels(SCORED_SPLIT)))}
 
 
-def run_one(work: Path, variant: str, pretrain_seed: int, seed: int, group_info: dict, subset: int, log) -> dict:
+def run_one(work: Path, variant: str, pretrain_seed: int, seed: int, group_info: dict, log) -> dict:
     """Train and score one (variant, pretraining seed, classifier seed) run (resumable)."""
     from bdgf.engine.classify import train
 
@@ -319,7 +320,7 @@ def run_one(work: Path, variant: str, pretrain_seed: int, seed: int, group_info:
     # score one (variant, seed) at a time, and keep only the metrics.
     r = train(group_info["store"], group_info["run"], seed=seed, overrides={"train.branches": branches},
               progress=False).to_dict()
-    rep = score(group_info["store"], group_info["run"], seed, subset)
+    rep = score(group_info["store"], group_info["run"], seed)
     out = {"variant": variant, "pretrain_seed": pretrain_seed, "seed": seed, "branches": branches,
            "val_oa": r["val_oa"], "epoch": r["epoch"], **{k: rep[k] for k in METRICS},
            "per_branch": {b: {k: v[k] for k in METRICS} for b, v in rep["branches"].items()},
@@ -548,8 +549,8 @@ def run_all(args, work: Path, over: dict, log) -> tuple[dict, dict]:
             for v in args.variants:
                 g = VARIANTS[v][0]
                 if (g, p) not in infos:
-                    infos[g, p] = prepare_group(work, args.preset, g, p, over, log)
-                rows[v].append(run_one(work, v, p, s, infos[g, p], args.test_subset, log))
+                    infos[g, p] = prepare_group(work, args.preset, g, p, over, args.test_subset, log)
+                rows[v].append(run_one(work, v, p, s, infos[g, p], log))
     return infos, rows
 
 

@@ -112,6 +112,19 @@ def test_default_full_run_is_budgeted_for_30_to_40_minutes_at_most():
     assert 5 * 60 < est["total"] <= 15 * 60, est
 
 
+def test_scored_labels_are_a_fixed_subset_of_the_test_split():
+    import numpy as np
+
+    b = _load("bench_ablation")
+    rng = np.random.default_rng(0)
+    test = np.where(rng.random((40, 50)) < 0.3, rng.integers(1, 5, (40, 50)), 0).astype(np.uint16)
+    sub = b.scored_labels(test, 100)
+    assert np.count_nonzero(sub) == 100 and sub.dtype == test.dtype
+    assert np.array_equal(sub[sub > 0], test[sub > 0])  # true labels, only where test has them
+    assert np.array_equal(b.scored_labels(test, 100), sub)  # the same pixels every time
+    assert np.array_equal(b.scored_labels(test, 0), test) and np.array_equal(b.scored_labels(test, 10**6), test)
+
+
 def test_pretraining_seed_reaches_the_config():
     b = _load("bench_ablation")
     over = b.ablation_overrides(quick=True)
