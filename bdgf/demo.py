@@ -65,16 +65,22 @@ def run_demo(out: str | Path = "demo", *, seed: int = 0, preset: str = "demo") -
     t = stage("4/6 train the diffusion-guided classifier (cnn + mamba + transformer, mutual learning)")
     print(train(store, run.path, seed=seed).line(), flush=True)
 
-    t = stage("5/6 evaluate on the test split")
+    t = stage("5/6 evaluate on the test split (and with each modality absent)")
     m = evaluate(store, run.path, split="test")
     print(m.text(), f"({time.perf_counter() - t:.1f} s)")
+    without = {}
+    for modality in scene.modality_names:
+        mm = evaluate(store, run.path, split="test", absent=modality, write_map=False)
+        without[modality] = mm.oa["mean"]
+        print(f"  without {modality}: OA {100 * mm.oa['mean']:.2f}%  AA {100 * mm.aa['mean']:.2f}%  "
+              f"kappa {mm.kappa['mean']:.4f}")
 
     stage("6/6 outputs")
     for p in (store, out / "preview.png", run.pretrain_dir / "curves.png", run.seed_dir(seed) / "curves.png",
               run.eval_dir / "metrics.json", run.eval_dir / "map_test.png"):
         print(f"  {p}")
     summary = {"oa": m.oa["mean"], "aa": m.aa["mean"], "kappa": m.kappa["mean"],
-               "wall_s": time.perf_counter() - t_all}
+               "oa_without": without, "wall_s": time.perf_counter() - t_all}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nOA {100 * summary['oa']:.2f}%  AA {100 * summary['aa']:.2f}%  kappa {summary['kappa']:.4f}"
           f"  in {summary['wall_s']:.0f} s")

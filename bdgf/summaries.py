@@ -63,7 +63,10 @@ class FeatureSummary(_Record):
     workers: int
 
     def line(self) -> str:
-        return (f"{FEATURE_STATES[self.state]} features for checkpoint {self.checkpoint}: {self.channels} "
+        levels = {k: v for k, v in self.channels.items() if "_without_" not in k}
+        absent = sorted({k.split("_without_", 1)[1] for k in self.channels if "_without_" in k})
+        extra = f", and each without {', '.join(absent)}" if absent else ""
+        return (f"{FEATURE_STATES[self.state]} features for checkpoint {self.checkpoint}: {levels}{extra} "
                 f"({self.wall_s:.1f} s, {self.workers} worker(s))")
 
 
