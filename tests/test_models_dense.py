@@ -109,6 +109,22 @@ def test_cnn_window_pooling_with_v_greater_than_one():
     torch.testing.assert_close(dense[..., 2, 3], unpooled[..., 2 : 2 + V, 3 : 3 + V].mean(dim=(-2, -1)))
 
 
+def test_transformer_last_block_class_token_only_is_exact():
+    """The last block computes the class token alone; the full block's class row is the same."""
+    br = _model(7).branches["transformer"]
+    block = br.blocks[-1]
+    g = torch.Generator().manual_seed(4)
+    L = br.grid_side ** 2
+    x = torch.randn(3, L + 1, 8, generator=g, dtype=torch.float64)
+    h = torch.randn(3, L, 8, generator=g, dtype=torch.float64)
+    pos = torch.cat([torch.zeros(1, 8, dtype=torch.float64), br.pos])
+    with torch.no_grad():
+        full = block(x, block.self_qkv(x), block.high_kv(h), pos, br.high_pos)
+        cls = block(x, block.self_qkv(x, 1), block.high_kv(h), pos, br.high_pos, cls_only=True)
+    assert full.shape == (3, L + 1, 8) and cls.shape == (3, 1, 8)
+    torch.testing.assert_close(cls[:, 0], full[:, 0])
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an op returns."""
 

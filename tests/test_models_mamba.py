@@ -88,6 +88,18 @@ def test_branch_centre_token_sees_corners_and_mid_gates():
         MambaBranch(3, 5, 5, MambaConfig(d_model=8, groups=3))
 
 
+def test_centre_and_mean_equals_the_full_layer_output():
+    """The last layer projects only the two rows z reads; that is exact."""
+    torch.manual_seed(0)
+    layer = BiMambaLayer(CFG).double()
+    x = torch.randn(3, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        rows = layer.centre_and_mean(x)
+    torch.testing.assert_close(rows[:, 0], full[:, 0])
+    torch.testing.assert_close(rows[:, 1], full.mean(dim=1))
+
+
 def test_block_under_bf16_autocast_and_bf16_params():
     torch.manual_seed(0)
     blk = MambaBlock(8, d_state=4, expand=2, d_conv=3)

@@ -33,6 +33,7 @@ Each layer is bidirectional: one MambaBlock scans centre-out, a second (own weig
 reversed sequence (outside-in, ending at the centre), and their outputs are averaged. z_mamba =
 LayerNorm(centre token + mean of all tokens): the centre token has seen every token through the
 outside-in scan; the mean adds the forward scan's context (whose first token has seen only itself).
+The last layer computes its output projections for those two rows only (exact: linear, no bias).
 
 Grouped channel attention: mid (B, F_mid, P, P) is averaged over the window -> (B, F_mid) -> MLP ->
 (B, Ly, G) -> sigmoid; at the input of layer i, each of the G groups of D/G token channels is
@@ -70,7 +71,7 @@ class MambaConfig:
     token_stride: int = 2      # 1: a token per pixel; 2: 3 x 3 windows at stride 2 (module docstring)
 
 
-DENSE_CHUNK = 1024  # default windows per chunk of ``dense``
+DENSE_CHUNK = 256  # default windows per chunk of ``dense``
 
 
 def centre_out_order(side: int) -> torch.Tensor:
@@ -120,6 +121,11 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D)."""
+        return self.out_proj(self.inner(x))
+
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) -> y * SiLU(res) (B, L, E): everything before ``out_proj`` (which is linear
+        without bias, so it commutes with a mean over tokens)."""
         L = x.shape[1]
         x, res = self.in_proj(x).chunk(2, dim=-1)                             # (B, L, E) each
         x = self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2)           # (B, L, E) causal
@@ -130,7 +136,7 @@ class MambaMixer(nn.Module):
         # The scan runs in float32 whatever the autocast / parameter dtype (decays exp(delta*A)).
         f32 = torch.float32
         y = selective_scan(x.to(f32), delta.to(f32), A, Bm.to(f32), Cm.to(f32), self.D.to(f32))
-        return self.out_proj(y.to(x.dtype) * F.silu(res))                     # (B, L, D)
+        return y.to(x.dtype) * F.silu(res)                                    # (B, L, E)
 
 
 class MambaBlock(nn.Module):
@@ -158,6 +164,15 @@ class BiMambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.fwd(x) + self.bwd(x.flip(1)).flip(1))
+
+    def centre_and_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) -> (B, 2, D): token 0 and the mean over tokens of ``forward(x)``, with each
+        ``out_proj`` applied to those two rows only (exact: it is linear without bias)."""
+        check_shape("BiMambaLayer input", x, (None, None, self.fwd.d_model), "(B, L, D)")
+        uf = self.fwd.mixer.inner(self.fwd.norm(x))                             # (B, L, E)
+        ub = self.bwd.mixer.inner(self.bwd.norm(x.flip(1)))                     # (B, L, E), reversed order
+        rows = lambda t, first: torch.stack([t[:, first], t.mean(dim=1)], dim=1)  # noqa: E731  (B, 2, *)
+        return rows(x, 0) + 0.5 * (self.fwd.mixer.out_proj(rows(uf, 0)) + self.bwd.mixer.out_proj(rows(ub, -1)))
 
 
 class MambaBranch(nn.Module):
@@ -200,9 +215,11 @@ class MambaBranch(nn.Module):
 
     def _mix(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Tokens (B, L, D) with positions, gates (B, Ly, D) -> z (B, D)."""
-        for i, layer in enumerate(self.layers):
+        *layers, last = self.layers
+        for i, layer in enumerate(layers):
             x = layer(x * gates[:, i : i + 1])                                 # (B, L, D)
-        return self.norm(x[:, 0] + x.mean(dim=1))                              # (B, D) centre + mean
+        rows = last.centre_and_mean(x * gates[:, -1:])                          # (B, 2, D)
+        return self.norm(rows[:, 0] + rows[:, 1])                              # (B, D) centre + mean
 
     def forward(self, patch: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
         P = self.patch_size

@@ -25,8 +25,8 @@ Positions (DETR style): the learned token positions (and the high tokens' own) a
 *normalised query and key inputs* of every attention, not to the token stream. So everything
 before the first token mixing is per pixel: the token embedding, the first block's LayerNorm and
 q/k/v projections, and every block's cross-attention keys/values (LayerNorm + projections of the
-high tokens, which no block updates). The last block computes only the class token (z reads only
-it; exact).
+high tokens, which no block updates). The last block computes only the class token's query,
+attention output and MLP (z reads only it; exact).
 
 Why a 3 x 3 / stride-2 token grid by default (measured at C = 145, P = 11, the library sizes,
 ``benchmarks/bench_inference.py``): with one token per pixel (L = 121) the token mixing costs
@@ -58,7 +58,7 @@ from bdgf.errors import InputError
 from bdgf.models._shapes import check_region, check_shape, gather_windows, token_grid, window_index
 from kernels.dispatch import cross_attention
 
-DENSE_CHUNK = 1024  # default windows per chunk of ``dense``
+DENSE_CHUNK = 256  # default windows per chunk of ``dense``
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,12 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(D)
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(), nn.Linear(cfg.mlp_ratio * D, D))
 
-    def self_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., D) -> self-attention q, k, v (..., D) each, without the position terms. Per token."""
+    def self_qkv(self, x: torch.Tensor, query_rows: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., L+1, D) -> self-attention q, k, v (..., L+1, D) each, without the position terms
+        (per token); q of the first ``query_rows`` tokens only when given."""
         y = self.norm_sa(x)
-        return self.sa.q(y), self.sa.k(y), self.sa.v(y)
+        return self.sa.q(y if query_rows is None else y[..., :query_rows, :]), self.sa.k(y), self.sa.v(y)
 
     def high_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """High tokens (..., D) -> cross-attention k, v (..., D) each, without the position term. Per token."""
@@ -122,10 +124,10 @@ class Block(nn.Module):
         (zero row for the class token), high_pos (L, D) -> (B, L+1, D), or (B, 1, D), the class
         token only, when ``cls_only``."""
         q, k, v = qkv
-        pq, pk = self.sa.position(pos)
-        q, k = q + pq, k + pk
         if cls_only:
             x, q = x[:, :1], q[:, :1]
+        pq, pk = self.sa.position(pos)
+        q, k = q + pq[: q.shape[1]], k + pk
         x = x + self.sa(q, k, v)
         hk, hv = hkv
         cq = self.ca.q(self.norm_q(x)) + self.ca.position(pos[: x.shape[1]])[0]
@@ -166,7 +168,7 @@ class TransformerBranch(nn.Module):
         pos = torch.cat([self.pos.new_zeros(1, self.out_dim), self.pos])       # (L+1, D)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            qkv = first_qkv if i == 0 else block.self_qkv(x)
+            qkv = first_qkv if i == 0 else block.self_qkv(x, 1 if i == last else None)
             x = block(x, qkv, hkvs[i], pos, self.high_pos, cls_only=i == last)
         return self.norm(x[:, 0])                                               # (B, D)
 
