@@ -65,17 +65,18 @@ SCENE_SEED = 0
 METRICS = ("oa", "aa", "kappa")
 REFERENCE = "full"
 
-# The ablation config: DEMO_OVERRIDES (sized for 2 CPU cores) cut further so that 12 pretrainings
-# (4 groups × 3 seeds) and 63 classifier runs (7 variants × 3 × 3 seeds) fit in ~13 min on 2 quiet
-# cores, ~30-40 min under the usual load: fewer pretraining steps (masking warm-up scaled with
-# them) and classifier epochs (the pilot's best val epoch was still late at 15 of 15).
+# The ablation config: DEMO_OVERRIDES (sized for 2 CPU cores: 300 pretraining steps, 25 classifier
+# epochs) with the masking warm-up at 30 % of the steps (as in the earlier ablations), every
+# epoch's best-val checkpoint kept (patience = epochs) and one checkpoint at the end. 12
+# pretrainings (4 groups × 3 seeds) and 63 classifier runs (7 variants × 3 × 3 seeds) take ~17 min
+# on 2 cores at load ~5 (see COST_S); the pilot's best val epoch was still 17-25 of 25.
 ABLATION_OVERRIDES = {
-    "pretrain.steps": 150,
-    "pretrain.log_every": 15,
-    "pretrain.checkpoint_every": 150,
-    "pretrain.masking": {"mode": "adaptive", "warmup_steps": 45},
-    "train.epochs": 12,
-    "train.patience": 12,
+    "pretrain.steps": 300,
+    "pretrain.log_every": 30,
+    "pretrain.checkpoint_every": 300,
+    "pretrain.masking": {"mode": "adaptive", "warmup_steps": 90},
+    "train.epochs": 25,
+    "train.patience": 25,
 }
 QUICK_OVERRIDES = {
     "pretrain.steps": 12,
@@ -86,29 +87,26 @@ QUICK_OVERRIDES = {
     "train.epochs": 2,
     "train.patience": 2,
 }
-# Scoring every test pixel costs as much as training on these scenes: by default score a fixed
-# random subset (the same pixels for every variant and seed, drawn with TEST_SUBSET_SEED before
-# anything is trained and written into each store copy as split SCORED_SPLIT; 0 = the whole test
-# split).
-TEST_SUBSET = 2000
+# Which test pixels are scored: all of them by default (TEST_SUBSET = 0); N > 0 scores a fixed
+# random subset of N (the same pixels for every variant and seed, drawn with TEST_SUBSET_SEED
+# before anything is trained). Either way they are written into each store copy as SCORED_SPLIT.
+TEST_SUBSET = 0
 QUICK_TEST_SUBSET = 300
 TEST_SUBSET_SEED = 12345
 SCORED_SPLIT = "scored"  # the split the subset is written to in each store copy
 
-# Runtime model for the estimate, seconds, measured with 1 torch thread on 2 cores at load ~1
-# (the pilot of 2026-12-03 on the ``hard`` preset: 117 train + val px; heavier load stretches
-# everything ~2-4×). A classifier run costs the sum over its branches of epochs × "epoch"
-# (per 100 train + val px, val pass included) + scored test pixels × "px".
+# Runtime model for the estimate, seconds: measured 2026-12-03 with 1 torch thread on 2 cores at
+# load ~5 (shared with other jobs), on the ``hard`` preset (117 train + val px, 7396 test px). A
+# quiet machine is ~2× faster. A classifier run costs "run" (model, loaders, evaluate's set-up)
+# plus, per branch, epochs × "epoch" (per 100 train + val px, val pass included) + scored test
+# pixels × "px".
 COST_S = {
-    "scene": 3.0,  # write the scene store copy
-    "pretrain_step": 0.05,  # one step, batch 8 of 32×32 tiles
-    "features_per_timestep": 0.5,  # dense features over the 128×128 scene, per timestep
+    "scene": 1.5,  # write the scene store copy
+    "pretrain_step": 0.1,  # one step, batch 8 of 32×32 tiles
+    "features_per_timestep": 0.8,  # dense features over the 128×128 scene, per timestep
+    "run": 4.0,
 }
-BRANCH_COST_S = {
-    "cnn": {"epoch": 0.07, "px": 0.0001},
-    "mamba": {"epoch": 0.2, "px": 0.0008},
-    "transformer": {"epoch": 0.5, "px": 0.001},
-}
+BRANCH_COST_S = {b: {"epoch": 0.06, "px": 0.0001} for b in ("cnn", "mamba", "transformer")}
 
 # group -> pretraining overrides (on top of the base config)
 GROUPS = {
@@ -197,16 +195,17 @@ def _write_json(path: Path, data) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def estimate_seconds(plan: dict, over: dict, train_px: int, test_subset: int) -> dict:
+def estimate_seconds(plan: dict, over: dict, train_px: int, test_px: int) -> dict:
     """{"pretrain", "classify", "total"} expected seconds for the units of ``plan`` not done yet
-    (plan from :func:`todo`), from COST_S and the config."""
+    (plan from :func:`todo`), from COST_S / BRANCH_COST_S, the config and the pixel counts."""
     per_group = (COST_S["scene"] + over["pretrain.steps"] * COST_S["pretrain_step"]
                  + len(over["features.timesteps"]) * COST_S["features_per_timestep"])
     classify = 0.0
     for variant in plan["runs"]:
+        classify += COST_S["run"]
         for branch in VARIANTS[variant][1]:
             cost = BRANCH_COST_S[branch]
-            classify += over["train.epochs"] * cost["epoch"] * train_px / 100 + test_subset * cost["px"]
+            classify += over["train.epochs"] * cost["epoch"] * train_px / 100 + test_px * cost["px"]
     pretrain = per_group * len(plan["groups"])
     return {"pretrain": pretrain, "classify": classify, "total": pretrain + classify}
 
@@ -219,12 +218,14 @@ def todo(work: Path, variants: list[str], pretrain_seeds: list[int], seeds: list
     return {"groups": groups, "runs": runs}
 
 
-def train_pixels(preset: str) -> int:
-    """Train + val pixels of the preset (what one classifier epoch walks over)."""
-    from bdgf.data.synthetic import get_config
+def pixel_counts(preset: str, test_subset: int) -> tuple[int, int]:
+    """(train + val pixels: what one classifier epoch walks over, scored test pixels) of the preset's
+    benchmark scene (SCENE_SEED) with this ``--test-subset``."""
+    from bdgf.data.synthetic import get_config, make_scene
 
     cfg = get_config(preset)
-    return len(cfg.classes) * (cfg.train_per_class + cfg.val_per_class)
+    n_test = int(np.count_nonzero(make_scene(preset, SCENE_SEED).labels["test"]))
+    return len(cfg.classes) * (cfg.train_per_class + cfg.val_per_class), min(test_subset or n_test, n_test)
 
 
 # ----------------------------------------------------------------------------------------
@@ -625,11 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     over = ablation_overrides(args.quick, step_overrides(args.pretrain_steps, args.epochs))
     work = Path(args.work or f"/tmp/bdgf_bench/ablation_{args.preset}{'_quick' if args.quick else ''}")
     est = estimate_seconds(todo(work, args.variants, args.pretrain_seeds, args.seeds), over,
-                           train_pixels(args.preset), args.test_subset)
+                           *pixel_counts(args.preset, args.test_subset))
     n_runs = len(args.variants) * len(args.pretrain_seeds) * len(args.seeds)
-    print(f"expected runtime ~{est['total'] / 60:.0f} min on 2 quiet cores for what is not done yet in {work} "
-          f"(pretraining + features {est['pretrain'] / 60:.1f} min, classifiers {est['classify'] / 60:.1f} min; "
-          f"{n_runs} runs in all); load stretches it ~2-4×", flush=True)
+    print(f"expected runtime ~{est['total'] / 60:.0f} min (1 torch thread, 2 cores at load ~5; quiet ~2× faster) "
+          f"for what is not done yet in {work}: pretraining + features {est['pretrain'] / 60:.1f} min, "
+          f"classifiers {est['classify'] / 60:.1f} min ({n_runs} runs in all)", flush=True)
     if args.estimate:
         return 0
 
