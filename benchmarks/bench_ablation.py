@@ -486,7 +486,8 @@ def parse_args(argv: list[str] | None):
                     "(default /tmp/bdgf_bench/ablation_<preset>[_quick])")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--results", default=None, help="write the section into this RESULTS.md")
-    ap.add_argument("--title", default=None, help="RESULTS.md section title (default: 'Ablations on the <preset> preset')")
+    ap.add_argument("--title", default=None,
+                    help="RESULTS.md section title (default: 'Ablations on the <preset> preset')")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     ap.add_argument("--pretrain-steps", type=int, default=0,
                     help="override pretrain.steps (masking warm-up = 30%% of it; 0: ABLATION_OVERRIDES)")
@@ -509,7 +510,8 @@ def command_line(args) -> str:
     """The command that reproduces this table."""
     parts = [".venv/bin/python benchmarks/bench_ablation.py", f"--preset {args.preset}"]
     parts += ["--quick"] if args.quick else []
-    parts += [f"--pretrain-seeds {' '.join(map(str, args.pretrain_seeds))}", f"--seeds {' '.join(map(str, args.seeds))}",
+    parts += [f"--pretrain-seeds {' '.join(map(str, args.pretrain_seeds))}",
+              f"--seeds {' '.join(map(str, args.seeds))}",
               f"--test-subset {args.test_subset}"]
     parts += [f"--pretrain-steps {args.pretrain_steps}"] if args.pretrain_steps else []
     parts += [f"--epochs {args.epochs}"] if args.epochs else []
@@ -579,7 +581,8 @@ def build_section(args, infos: dict, rows: dict, agg: dict, over: dict, wall: fl
         f"Pretraining seeds {args.pretrain_seeds} × classifier seeds {args.seeds}: one denoiser per group and "
         "pretraining seed (the branch-alone variants reuse the full model's), features recomputed from each. "
         f"Model selection on val; numbers on {n_test} test pixels (the same for every run"
-        + (f"; a fixed random subset drawn with seed {TEST_SUBSET_SEED})." if args.test_subset else "; the whole split)."),
+        + (f"; a fixed random subset drawn with seed {TEST_SUBSET_SEED})." if args.test_subset
+           else "; the whole split)."),
         "",
         "Mean ± sample std (ddof 1) over runs:",
         "",
@@ -595,7 +598,8 @@ def build_section(args, infos: dict, rows: dict, agg: dict, over: dict, wall: fl
         "",
         format_diff_table(agg, "diff_by_pretrain"),
         "",
-        f"Branches of the full model scored on their own (OA %, its 3-branch ensemble's heads): {format_branches(rows[REFERENCE])}",
+        "Branches of the full model scored on their own (OA %, its 3-branch ensemble's heads): "
+        + format_branches(rows[REFERENCE]),
         "",
         "Per-class test accuracy (%, mean over runs):",
         "",

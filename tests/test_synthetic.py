@@ -303,7 +303,8 @@ def hard_pair_accuracies(seed: int, region_name: str) -> dict[tuple[str, str, st
         for a, b in pairs:
             if all((fit == ids[k]).any() and (evaluate == ids[k]).any() for k in (a, b)):  # rects can miss a part
                 out[kind, a, b] = tuple(
-                    ncm_transfer_accuracy(ref.modalities[m].data, fit, data.modalities[m].data, evaluate, ids[a], ids[b])
+                    ncm_transfer_accuracy(ref.modalities[m].data, fit, data.modalities[m].data, evaluate,
+                                          ids[a], ids[b])
                     for m in ("hsi", "lidar"))
     return out
 
