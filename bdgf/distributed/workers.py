@@ -35,9 +35,10 @@ log = logging.getLogger("bdgf.distributed")
 class SyncedMasking:
     """Adaptive modality masking whose statistics see every rank's batch.
 
-    ``update`` all-gathers the per-sample modality losses and presence flags, so each rank folds
-    the same global batch into its EMAs and every rank keeps the same masking probabilities.
-    Everything else is the wrapped :class:`AdaptiveModalityMasking`.
+    ``update`` all-gathers the paired log-ratios and which modality each pair masked (every
+    rank's pairs), so each rank folds the same global set of pairs into its dependence estimate
+    and every rank keeps the same masking probabilities. Everything else is the wrapped
+    :class:`AdaptiveModalityMasking`.
     """
 
     def __init__(self, inner):
@@ -46,15 +47,17 @@ class SyncedMasking:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def update(self, per_modality_loss: torch.Tensor, present: torch.Tensor) -> None:
+    def update(self, pair_log_ratio: torch.Tensor, pair_masked: torch.Tensor) -> None:
+        """pair_log_ratio (N, M), pair_masked (N, M): this rank's pairs (see
+        ``AdaptiveModalityMasking.update``); every rank has the same N."""
         import torch.distributed as dist
 
         world = dist.get_world_size()
-        both = torch.cat([per_modality_loss.detach().float(), present.detach().float().to(per_modality_loss.device)], 1)
+        both = torch.cat([pair_log_ratio.detach().float(), pair_masked.detach().float().to(pair_log_ratio.device)], 1)
         parts = [torch.empty_like(both) for _ in range(world)]
         dist.all_gather(parts, both.contiguous())
         allb = torch.cat(parts, 0)
-        m = per_modality_loss.shape[1]
+        m = pair_log_ratio.shape[1]
         self.inner.update(allb[:, :m], allb[:, m:])
 
 
