@@ -29,6 +29,12 @@ Measured, per classified pixel (divided by T²):
   includes the unfolded patches and every intermediate the path allocates (torch's CPU
   allocator returns large blocks to the OS, so the high-water mark is the path's own peak).
 
+Reference row: the same patch-wise measurement with the models of ``--baseline`` (a git revision,
+default the commit before the dense path and the token-grid branches; its ``bdgf`` and
+``kernels`` are extracted with ``git archive`` into a temporary folder and run in a subprocess).
+That is a different model (per-pixel tokens), so only its cost is comparable; ``--baseline ''``
+skips it.
+
     .venv/bin/python benchmarks/bench_inference.py [--configs demo houston] [--repeats 3] [--threads 1]
 """
 
@@ -40,13 +46,18 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [p for p in (str(ROOT),) if p not in sys.path]
+if "--_baseline" in sys.argv:  # a baseline child imports the extracted old package instead
+    sys.path.insert(0, sys.argv[sys.argv.index("--_baseline") + 1])
+else:
+    sys.path[:0] = [p for p in (str(ROOT),) if p not in sys.path]
 
 CONFIGS = ("demo", "houston")
+BASELINE = "4970543"  # the last commit with per-pixel tokens and no predict_dense
 
 
 def build(name: str, seed: int = 0):
@@ -181,10 +192,6 @@ def measure(name: str, args) -> dict:
                  "F": dict(classifier.config.feature_channels)}
     with torch.no_grad():
         row["unet_mflop"], row["halo"] = unet_mflop_per_pixel(denoiser, cfg)
-        n = min(args.flop_patches, T * T)
-        sub = tuple(t[..., : P + 3, : P + 3] for t in x)        # a 4 x 4 tile: 16 patches per call
-        reps = -(-n // 16)
-        row["patch_mflop"] = mflop(lambda: [patchwise(classifier, sub, args.batch) for _ in range(reps)]) / (16 * reps)
         row["dense_mflop"] = mflop(lambda: dense(classifier, x, args.chunk)) / (T * T)
         row["branch_mflop"] = {}
         feats = {"cnn": x[1], "mamba": x[2], "transformer": x[3]}
@@ -194,14 +201,56 @@ def measure(name: str, args) -> dict:
                 (lambda br=br, f=f: br.dense(x[0], f, args.chunk))
             row["branch_mflop"][b] = mflop(call) / (T * T)
             row.setdefault("branch_ms", {})[b] = median_seconds(call, args.repeats)[0] * 1e3 / (T * T)
-        t_patch, p_patch = median_seconds(lambda: patchwise(classifier, x, args.batch), args.repeats)
+        row["patch_mflop"], row["patch_ms"] = patchwise_cost(classifier, x, args)
         t_dense, p_dense = median_seconds(lambda: dense(classifier, x, args.chunk), args.repeats)
-    row["patch_ms"], row["dense_ms"] = t_patch * 1e3 / (T * T), t_dense * 1e3 / (T * T)
-    row["max_abs_diff"] = float((p_patch - p_dense).abs().max())
+        row["max_abs_diff"] = float((patchwise(classifier, x, args.batch) - p_dense).abs().max())
+    row["dense_ms"] = t_dense * 1e3 / (T * T)
     row["unfolded_mib"] = T * T * sum(t.shape[1] for t in x) * P * P * 4 / 2**20
     row["patch_peak_mib"] = peak_mib(name, "patchwise", args)
     row["dense_peak_mib"] = peak_mib(name, "dense", args)
+    if args.baseline:
+        row["baseline"] = baseline(name, args)
     return row
+
+
+def patchwise_cost(classifier, x, args) -> tuple[float, float]:
+    """(MFLOP, ms) per classified pixel of the patch-wise path on tile inputs x."""
+    P = classifier.config.patch_size
+    T = x[0].shape[-1] - P + 1
+    sub = tuple(t[..., : P + 3, : P + 3] for t in x)            # a 4 x 4 tile: 16 patches per call
+    reps = -(-min(args.flop_patches, T * T) // 16)
+    flops = mflop(lambda: [patchwise(classifier, sub, args.batch) for _ in range(reps)]) / (16 * reps)
+    return flops, median_seconds(lambda: patchwise(classifier, x, args.batch), args.repeats)[0] * 1e3 / (T * T)
+
+
+def baseline_child(name: str, args) -> None:
+    """Subprocess body (old package first on sys.path): print the patch-wise cost as JSON."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    _, classifier, cfg = build(name)
+    x = tile_inputs(classifier, cfg.features.tile_size)
+    with torch.no_grad():
+        flops, ms = patchwise_cost(classifier, x, args)
+    print(json.dumps({"mflop": flops, "ms": ms}))
+
+
+def baseline(name: str, args) -> dict:
+    """The patch-wise cost with the models of git revision ``args.baseline``."""
+    with tempfile.TemporaryDirectory(prefix="bdgf_baseline_") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "bdgf", "kernels"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        cmd = [sys.executable, __file__, "--_baseline", tmp, name, "--batch", str(args.batch),
+               "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--flop-patches", str(args.flop_patches)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+
+
+BASELINE_LABEL = [BASELINE]
 
 
 def table(rows: list[dict]) -> str:
@@ -212,6 +261,12 @@ def table(rows: list[dict]) -> str:
                      f"{r['patch_ms']:.3f} | {r['patch_peak_mib']:.0f} |")
         lines.append(f"| {r['config']} | classifier dense (predict_dense) | {r['dense_mflop']:.2f} | "
                      f"{r['dense_ms']:.3f} | {r['dense_peak_mib']:.0f} |")
+        if "baseline" in r:
+            b = r["baseline"]
+            lines.append(f"| {r['config']} | pre-change models, patch-wise ({BASELINE_LABEL[0]}) | {b['mflop']:.2f} | "
+                         f"{b['ms']:.3f} | |")
+            lines.append(f"| {r['config']} | ratio pre-change patch-wise / dense | {b['mflop'] / r['dense_mflop']:.1f}x | "
+                         f"{b['ms'] / r['dense_ms']:.1f}x | |")
         lines.append(f"| {r['config']} | **ratio patch-wise / dense** | **{r['patch_mflop'] / r['dense_mflop']:.1f}x** | "
                      f"**{r['patch_ms'] / r['dense_ms']:.1f}x** | **{r['patch_peak_mib'] / max(r['dense_peak_mib'], 1):.1f}x** |")
     lines.append("")
@@ -230,13 +285,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per path (median kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--batch", type=int, default=1024, help="patches per predict call on the patch-wise path")
-    ap.add_argument("--chunk", type=int, default=1024, help="chunk_pixels of predict_dense")
+    ap.add_argument("--chunk", type=int, default=None, help="chunk_pixels of predict_dense (default: the library's)")
     ap.add_argument("--flop-patches", type=int, default=64, help="patches FLOP-counted on the patch-wise path")
+    ap.add_argument("--baseline", default=BASELINE, help="git revision of the reference models ('' skips)")
     ap.add_argument("--_peak", nargs=2, metavar=("CONFIG", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--_baseline", nargs=2, metavar=("DIR", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._baseline:
+        baseline_child(args._baseline[1], args)
+        return 0
+    from bdgf.models.transformer import DENSE_CHUNK
+
+    args.chunk = args.chunk or DENSE_CHUNK
     if args._peak:
         peak_child(*args._peak, args.batch, args.chunk, args.threads)
         return 0
+    BASELINE_LABEL[0] = args.baseline
 
     import torch
 
