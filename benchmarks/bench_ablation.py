@@ -297,13 +297,20 @@ def scored_labels(test: np.ndarray, subset: int) -> np.ndarray:
     return out
 
 
-def score(store: str, run_dir: str, seed: int) -> dict:
+#: Variants also scored with each modality absent (``evaluate(absent=m)``): does masked
+#: pretraining let the model cope without a modality?
+ABSENT_VARIANTS = ("full", "no_mask")
+
+
+def score(store: str, run_dir: str, seed: int, absent: str | None = None) -> dict:
     """Test metrics of run_dir's classifier ``seed`` on the store's SCORED_SPLIT (the fixed test
-    subset written with the scene), through the library's own ``evaluate``."""
+    subset written with the scene), through the library's own ``evaluate`` (``absent``: without
+    that modality)."""
     from bdgf.data.scene import Scene
     from bdgf.engine.classify import evaluate
 
-    rep = evaluate(store, run_dir, split=SCORED_SPLIT, seeds=[seed], write_map=False).per_seed[str(seed)]
+    rep = evaluate(store, run_dir, split=SCORED_SPLIT, seeds=[seed], write_map=False,
+                   absent=absent).per_seed[str(seed)]
     return {**rep, "n_scored": int(np.count_nonzero(Scene.open(store).labels(SCORED_SPLIT)))}
 
 
@@ -322,7 +329,14 @@ def run_one(work: Path, variant: str, pretrain_seed: int, seed: int, group_info:
     r = train(group_info["store"], group_info["run"], seed=seed, overrides={"train.branches": branches},
               progress=False).to_dict()
     rep = score(group_info["store"], group_info["run"], seed)
-    out = {"variant": variant, "pretrain_seed": pretrain_seed, "seed": seed, "branches": branches,
+    absent = {}
+    if variant in ABSENT_VARIANTS:
+        from bdgf.data.scene import Scene
+
+        for m in Scene.open(group_info["store"]).modality_names:
+            got = score(group_info["store"], group_info["run"], seed, absent=m)
+            absent[m] = {k: got[k] for k in METRICS}
+    out = {"absent": absent, "variant": variant, "pretrain_seed": pretrain_seed, "seed": seed, "branches": branches,
            "val_oa": r["val_oa"], "epoch": r["epoch"], **{k: rep[k] for k in METRICS},
            "per_branch": {b: {k: v[k] for k in METRICS} for b, v in rep["branches"].items()},
            "per_class": rep.get("per_class"), "n_scored": rep["n_scored"], "wall_s": time.perf_counter() - t0}
@@ -360,6 +374,30 @@ def aggregate(rows: dict[str, list[dict]], reference: str = REFERENCE) -> dict:
                     agg[v][k]["diff"] = bench_stats.paired_difference(mine, ref).to_dict()
                     agg[v][k]["diff_by_pretrain"] = bench_stats.clustered_paired_difference(mine, ref).to_dict()
     return agg
+
+
+def format_absent(rows: dict[str, list[dict]], names: list[str]) -> str:
+    """OA (%) with each modality absent, for ABSENT_VARIANTS: mean ± sample std, and no_mask −
+    full paired over matched (pretraining seed, classifier seed) with its 95 % t-interval."""
+    lines = ["| modality absent | " + " | ".join(v for v in ABSENT_VARIANTS) + " | no_mask − full [95 % CI] |",
+             "| --- | " + " | ".join("---" for _ in ABSENT_VARIANTS) + " | --- |"]
+    for m in [None, *names]:
+        def oa(r):
+            return float(r["oa"] if m is None else r["absent"][m]["oa"])
+
+        cells, pairs = [], {}
+        for v in ABSENT_VARIANTS:
+            runs = [r for r in rows.get(v, []) if m is None or m in (r.get("absent") or {})]
+            vals = [oa(r) for r in runs]
+            cells.append(_pm(float(np.mean(vals)), bench_stats.sample_std(vals), 100, 2) if vals else "–")
+            pairs[v] = {(r["pretrain_seed"], r["seed"]): oa(r) for r in runs}
+        try:
+            d = bench_stats.paired_difference(pairs[ABSENT_VARIANTS[1]], pairs[ABSENT_VARIANTS[0]]).to_dict()
+            diff = format_interval(d, 100, 2)
+        except (ValueError, KeyError):
+            diff = "–"
+        lines.append(f"| {m or 'none (all present)'} | " + " | ".join(cells) + f" | {diff} |")
+    return "\n".join(lines)
 
 
 def _pm(mean: float, sd: float, scale: float, digits: int) -> str:
@@ -601,6 +639,13 @@ def build_section(args, infos: dict, rows: dict, agg: dict, over: dict, wall: fl
         "Branches of the full model scored on their own (OA %, its 3-branch ensemble's heads): "
         + format_branches(rows[REFERENCE]),
         "",
+        "OA (%) with one modality absent at test time (`evaluate --absent`: presence flag 0 and the mask "
+        "embedding in the denoiser, the modality unavailable to the classifier), the full model vs the "
+        "no-masking ablation (whose denoiser never saw a modality masked); mean ± sample std, and the "
+        "paired difference:",
+        "",
+        format_absent(rows, names),
+        "",
         "Per-class test accuracy (%, mean over runs):",
         "",
         format_per_class(rows),
@@ -656,6 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_all
     section = build_section(args, infos, rows, agg, over, wall)
     print("\n" + format_table(agg) + "\n\n" + format_diff_table(agg) + "\n\n" + format_per_class(rows) + "\n")
+    if any(rows.get(v) for v in ABSENT_VARIANTS):
+        first = next(r for v in ABSENT_VARIANTS for r in rows.get(v, []))
+        names = sorted(first.get("absent") or {})
+        print(format_absent(rows, names) + "\n")
     (work / "section.md").write_text(section)
     if args.results:
         write_results(Path(args.results), section)
