@@ -7,7 +7,6 @@ Glossary (letters as in docs/glossary.md)
     F_low, F_mid, F_high   diffusion-feature channels (``feature_channels["low"|"mid"|"high"]``)
     K       classes
     Dz      a branch's embedding width (of z)
-
     T       tile side (``predict_dense``: every pixel of a T x T tile at once)
 
 Branch <- guiding feature level (DESIGN 1.4):  cnn <- low,  mamba <- mid,  transformer <- high.
@@ -148,7 +147,6 @@ class BDGFClassifier(nn.Module):
         """(B, C, P, P), (B, F_*, P, P) x 3 -> probs (B, K). Export path: a fixed graph, no branching on data."""
         _, logits = self._run(patch, low, mid, high)
         return torch.stack([l.softmax(-1) for l in logits.values()]).mean(0)
-
 
     def predict_dense(self, region: torch.Tensor, low: torch.Tensor | None, mid: torch.Tensor | None,
                       high: torch.Tensor | None, chunk_pixels: int = DENSE_CHUNK) -> torch.Tensor:

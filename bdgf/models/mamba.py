@@ -154,6 +154,11 @@ class MambaBlock(nn.Module):
         return x + self.mixer(self.norm(x))
 
 
+def _first_and_mean(t: torch.Tensor, first: int) -> torch.Tensor:
+    """(B, L, channels) -> (B, 2, channels): token ``first`` and the mean over tokens."""
+    return torch.stack([t[:, first], t.mean(dim=1)], dim=1)
+
+
 class BiMambaLayer(nn.Module):
     """Bidirectional layer: mean of a forward and a reversed-sequence MambaBlock. (B, L, D) -> (B, L, D)."""
 
@@ -171,8 +176,9 @@ class BiMambaLayer(nn.Module):
         check_shape("BiMambaLayer input", x, (None, None, self.fwd.d_model), "(B, L, D)")
         uf = self.fwd.mixer.inner(self.fwd.norm(x))                             # (B, L, E)
         ub = self.bwd.mixer.inner(self.bwd.norm(x.flip(1)))                     # (B, L, E), reversed order
-        rows = lambda t, first: torch.stack([t[:, first], t.mean(dim=1)], dim=1)  # noqa: E731  (B, 2, *)
-        return rows(x, 0) + 0.5 * (self.fwd.mixer.out_proj(rows(uf, 0)) + self.bwd.mixer.out_proj(rows(ub, -1)))
+        fwd = self.fwd.mixer.out_proj(_first_and_mean(uf, 0))                   # (B, 2, D)
+        bwd = self.bwd.mixer.out_proj(_first_and_mean(ub, -1))                  # token 0 is last when reversed
+        return _first_and_mean(x, 0) + 0.5 * (fwd + bwd)
 
 
 class MambaBranch(nn.Module):
