@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._baseline:
         baseline_child(args._baseline[1], args)
         return 0
-    from bdgf.models.transformer import DENSE_CHUNK
+    from bdgf.models._shapes import DENSE_CHUNK
 
     args.chunk = args.chunk or DENSE_CHUNK
     if args._peak:

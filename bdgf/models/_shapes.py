@@ -21,6 +21,10 @@ import torch
 
 from bdgf.errors import InputError
 
+# Default windows per chunk of the branches' ``dense``: at C = 145, P = 11 a 64 x 64 tile then
+# peaks near 120 MiB on one CPU thread, and larger chunks were not faster (bench_inference.py).
+DENSE_CHUNK = 256
+
 
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], what: str = "") -> None:
     """Raise InputError unless ``x.shape`` matches ``expected`` (``None`` = any size)."""

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from bdgf.errors import InputError
-from bdgf.models._shapes import check_shape
+from bdgf.models._shapes import DENSE_CHUNK, check_shape
 from bdgf.models.cnn import CNNBranch, CNNConfig
 from bdgf.models.mamba import MambaBranch, MambaConfig
-from bdgf.models.transformer import DENSE_CHUNK, TransformerBranch, TransformerConfig
+from bdgf.models.transformer import TransformerBranch, TransformerConfig
 
 BRANCHES: tuple[str, ...] = ("cnn", "mamba", "transformer")
 FEATURE_OF: dict[str, str] = {"cnn": "low", "mamba": "mid", "transformer": "high"}

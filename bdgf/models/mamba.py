@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdgf.errors import InputError
-from bdgf.models._shapes import check_region, check_shape, gather_windows, token_grid, window_index
+from bdgf.models._shapes import DENSE_CHUNK, check_region, check_shape, gather_windows, token_grid, window_index
 from kernels.dispatch import selective_scan
 
 
@@ -70,8 +70,6 @@ class MambaConfig:
     gate_hidden: int = 64      # hidden width of the mid-feature gate MLP
     token_stride: int = 2      # 1: a token per pixel; 2: 3 x 3 windows at stride 2 (module docstring)
 
-
-DENSE_CHUNK = 256  # default windows per chunk of ``dense``
 
 
 def centre_out_order(side: int) -> torch.Tensor:

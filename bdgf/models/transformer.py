@@ -55,10 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdgf.errors import InputError
-from bdgf.models._shapes import check_region, check_shape, gather_windows, token_grid, window_index
+from bdgf.models._shapes import DENSE_CHUNK, check_region, check_shape, gather_windows, token_grid, window_index
 from kernels.dispatch import cross_attention
-
-DENSE_CHUNK = 256  # default windows per chunk of ``dense``
 
 
 @dataclass(frozen=True)
