@@ -242,8 +242,8 @@ _AT_LEAST = {
     "pretrain.unet": {"base_channels": 1, "blocks_per_level": 1, "embed_mult": 1, "channel_mults": 1},
     "train.model.cnn": {"width": 1, "low_width": 1, "num_blocks": 0},
     "train.model.mamba": {"d_model": 1, "n_layers": 1, "d_state": 1, "expand": 1, "d_conv": 1, "dt_rank": 1,
-                          "groups": 1, "gate_hidden": 1},
-    "train.model.transformer": {"dim": 1, "depth": 1, "heads": 1, "mlp_ratio": 1},
+                          "groups": 1, "gate_hidden": 1, "token_stride": 1},
+    "train.model.transformer": {"dim": 1, "depth": 1, "heads": 1, "mlp_ratio": 1, "token_stride": 1},
     "train.mutual": {"proj_dim": 1, "proj_hidden": 0, "lambda_kl": 0, "lambda_ent": 0, "lambda_sim": 0},
 }
 # Keys of the owners' dataclasses that a run sets itself (from the scene or another config key).
