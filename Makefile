@@ -29,15 +29,15 @@ test-slow: $(STAMP)
 # Long measurements (minutes to tens of minutes); figures go to benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py
-	$(BIN)/python benchmarks/bench_dense_features.py
+	$(BIN)/python benchmarks/bench_dense_features.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_tile_invariance.py
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_defaults.py
 	$(BIN)/python benchmarks/bench_masking.py --preset imbalance
 	$(BIN)/python benchmarks/bench_masking.py --preset hard
-	$(BIN)/python benchmarks/bench_stages.py
+	$(BIN)/python benchmarks/bench_stages.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_distributed.py
-	$(BIN)/python benchmarks/bench_ablation.py
+	$(BIN)/python benchmarks/bench_ablation.py --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) demo
