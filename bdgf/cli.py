@@ -55,18 +55,23 @@ def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+VAL_SPLIT_HELP = ("How val is carved from train: regions (whole labelled regions, train pixels within 5 px "
+                  "dropped), blocks (spatial blocks) or random (pixels; val then sits next to train).")
+
+
 @command(also=(KeyError,))
 def synth(
     out: Path = typer.Argument(..., help="Scene store to create (a folder, e.g. demo.zarr)."),
     preset: str = typer.Option("demo", help="Scene preset: tiny, demo, imbalance or sar."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same scene."),
+    val_split: str = typer.Option("regions", "--val-split", help=VAL_SPLIT_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Make a deterministic synthetic scene (classes with spectra, elevation, labels) and store it."""
     from bdgf.data.scene import write_scene
     from bdgf.data.synthetic import make_scene
 
-    scene = write_scene(make_scene(preset, seed), out, overwrite=overwrite, progress=True)
+    scene = write_scene(make_scene(preset, seed, val_split=val_split), out, overwrite=overwrite, progress=True)
     typer.echo(scene.summary())
 
 
@@ -87,6 +92,7 @@ def ingest(
     classes: Optional[str] = typer.Option(None, help="generic: comma-separated class names."),
     per_class: int = typer.Option(20, help="Training pixels per class where there is no official split."),
     val_fraction: float = typer.Option(0.2, help="Fraction of train carved into val (0 disables)."),
+    val_split: str = typer.Option("regions", "--val-split", help=VAL_SPLIT_HELP),
     seed: int = typer.Option(0, help="Seed for sampled and carved splits."),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
@@ -105,6 +111,7 @@ def ingest(
     if dataset in ("muufl", "trento"):
         kwargs["per_class"] = per_class
     kwargs["val_fraction"] = val_fraction
+    kwargs["val_split"] = val_split
     kwargs["seed"] = seed
     if Path(out).exists() and not overwrite:
         raise BDGFError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -114,7 +121,7 @@ def ingest(
 
 @command()
 def info(store: Path = typer.Argument(..., help="Scene store.")) -> None:
-    """Print a scene's modalities, bands, grid, classes and split counts."""
+    """Print a scene's modalities, bands, grid, classes, split counts and how val was carved."""
     from bdgf.data.scene import Scene
 
     typer.echo(Scene.open(store).summary())

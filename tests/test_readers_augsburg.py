@@ -26,13 +26,16 @@ def test_augsburg_real_split_round_trip(augsburg, tmp_path):
     write_scene(scene, tmp_path / "a.zarr")
     s = Scene.open(tmp_path / "a.zarr")
     assert s.bands == {"hsi": 180, "sar": 4, "dsm": 1}
-    assert s.meta.split_counts["train"] + s.meta.split_counts["val"] == 761
+    dropped = s.meta.val_split["dropped_train"]
+    assert s.meta.split_counts["train"] + s.meta.split_counts["val"] + dropped == 761
     assert s.meta.split_counts["test"] == 77533
     raw_test = scipy.io.loadmat(augsburg["test"])["TestImage"]
     assert raw_test.dtype == np.float32
     assert np.array_equal(s.labels("test"), raw_test.astype(np.int64))
     raw_train = scipy.io.loadmat(augsburg["train"])["TrainImage"].astype(np.int64)
-    assert np.array_equal(s.labels("train") + s.labels("val"), raw_train)
+    kept = s.labels("train") + s.labels("val")
+    assert np.array_equal(kept[kept > 0], raw_train[kept > 0])  # a subset: the ring around val is dropped
+    assert np.count_nonzero(raw_train) - np.count_nonzero(kept) == dropped
     assert np.count_nonzero(np.bincount(s.labels("test").ravel())[1:]) == 7
 
 

@@ -43,11 +43,15 @@ def test_houston_real_split_counts_round_trip(houston, tmp_path):
     assert scene.source["official_train"] == 2832 and scene.source["official_test"] == 12197
     store = write_scene(scene, tmp_path / "h.zarr")
     s = Scene.open(tmp_path / "h.zarr")
-    assert s.meta.split_counts["train"] + s.meta.split_counts["val"] == 2832
+    # val carved from whole regions; the train pixels of the 5-px ring around val are dropped
+    dropped = s.meta.val_split["dropped_train"]
+    assert s.meta.val_split["method"] == "regions" and s.meta.val_split["min_distance"] >= 6
+    assert s.meta.split_counts["train"] + s.meta.split_counts["val"] + dropped == 2832
     assert s.meta.split_counts["test"] == 12197
     assert s.meta.split_counts["val"] > 0
     tr, va, te = (np.bincount(s.labels(k).ravel(), minlength=16) for k in ("train", "val", "test"))
-    assert np.array_equal((tr + va)[1:], raster_counts(houston["train"])[1:])
+    assert ((tr + va)[1:] <= raster_counts(houston["train"])[1:]).all()
+    assert (tr + va)[1:].sum() == 2832 - dropped
     assert np.array_equal(te[1:], raster_counts(houston["test"])[1:])
     assert int(np.count_nonzero(te[1:])) == 15
     assert not np.any((s.labels("train") > 0) & (s.labels("val") > 0))
@@ -64,6 +68,11 @@ def test_houston_real_split_counts_round_trip(houston, tmp_path):
 def test_houston_val_disabled_and_seeded(houston):
     a = read_houston2013(houston["hsi"], houston["lidar"], houston["train"], houston["test"], expected_bands=4, val_fraction=0)
     assert set(a.labels) == {"train", "test"} and np.count_nonzero(a.labels["train"]) == 2832
+    assert a.val_split == {"method": "none"}
+    r = read_houston2013(houston["hsi"], houston["lidar"], houston["train"], houston["test"], expected_bands=4,
+                         val_split="random")
+    assert r.val_split["method"] == "random" and r.val_split["min_distance"] == 1  # val next to train
+    assert np.count_nonzero(r.labels["train"]) + np.count_nonzero(r.labels["val"]) == 2832
     b = read_dataset("houston2013", hsi=str(houston["hsi"]), lidar=str(houston["lidar"]), train=str(houston["train"]),
                      test=str(houston["test"]), expected_bands=4, seed=3)
     c = read_houston2013(houston["hsi"], houston["lidar"], houston["train"], houston["test"], expected_bands=4, seed=3)

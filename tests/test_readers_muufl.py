@@ -34,10 +34,11 @@ def test_muufl_sampled_split_saved_and_reproducible(muufl_file, tmp_path):
     write_scene(scene, tmp_path / "m.zarr")
     s = Scene.open(tmp_path / "m.zarr")
     c = s.meta.split_counts
-    assert c["train"] + c["val"] == 11 * 20 and c["val"] == 11 * 4
-    assert c["train"] + c["val"] + c["test"] == 11 * 80
+    dropped = s.meta.val_split["dropped_train"]  # train pixels in the 5-px ring around val regions
+    assert c["train"] + c["val"] + dropped == 11 * 20 and abs(c["val"] - 11 * 4) <= 11
+    assert c["train"] + c["val"] + c["test"] + dropped == 11 * 80
     per = np.bincount((s.labels("train") + s.labels("val")).ravel(), minlength=12)
-    assert per[1:].tolist() == [20] * 11 and per[0] == H * W - 220
+    assert (per[1:] <= 20).all() and per[0] == H * W - 220 + dropped
     assert s.meta.source["per_class"] == 20 and s.meta.source["labelled"] == 880
     again = read_muufl(muufl_file)
     assert all(np.array_equal(again.labels[k], s.labels(k)) for k in ("train", "val", "test"))

@@ -29,10 +29,12 @@ def test_trento_ground_truth_store(trento, tmp_path):
     write_scene(scene, tmp_path / "t.zarr")
     s = Scene.open(tmp_path / "t.zarr")
     c = s.meta.split_counts
-    assert c["train"] + c["val"] == 6 * 20 and c["val"] == 6 * 4
-    assert c["train"] + c["val"] + c["test"] == 30214
+    dropped = s.meta.val_split["dropped_train"]  # train pixels in the 5-px ring around val regions
+    assert c["train"] + c["val"] + dropped == 6 * 20 and c["val"] == 6 * 4
+    assert c["train"] + c["val"] + c["test"] + dropped == 30214
     full = scipy.io.loadmat(trento["gt"])["mask_test"].astype(np.int64)
-    assert np.array_equal(s.labels("train") + s.labels("val") + s.labels("test"), full)
+    kept = s.labels("train") + s.labels("val") + s.labels("test")
+    assert np.array_equal(kept[kept > 0], full[kept > 0]) and np.count_nonzero(full) - np.count_nonzero(kept) == dropped
     assert set(np.unique(full)) == set(range(7))
     assert s.bands == {"hsi": 63, "lidar": 2}
     dsm = s.modality("lidar")[0]

@@ -62,6 +62,9 @@ class SceneData:
     crs: str | None = None
     transform: tuple[float, ...] | None = None  # GDAL order: x0, dx, rx, y0, ry, dy
     source: dict = field(default_factory=dict)
+    # how val was made: {"method": regions|blocks|random|given|none, "metric", "min_distance", ...}
+    # (bdgf.data.splits.carve_val's info); None: unknown
+    val_split: dict | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,6 +98,9 @@ class SceneMeta:
     transform: list[float] | None = None
     source: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # how val was carved and how far it lies from train (Chebyshev px); stores written before
+    # this field read as "unknown"
+    val_split: dict = field(default_factory=lambda: {"method": "unknown", "min_distance": "unknown"})
 
     @classmethod
     def from_dict(cls, d: dict) -> "SceneMeta":
@@ -265,6 +271,7 @@ def write_scene(
             crs=scene.crs,
             transform=list(map(float, scene.transform)) if scene.transform is not None else None,
             source=scene.source,
+            val_split=dict(scene.val_split) if scene.val_split else {"method": "unknown", "min_distance": "unknown"},
         )
         root.attrs["bdgf"] = json.loads(json.dumps(asdict(meta)))
         _replace(tmp, path)
@@ -453,6 +460,7 @@ class Scene:
                 wl = f", {mm.wavelengths_nm[0]:.1f}-{mm.wavelengths_nm[-1]:.1f} nm"
             lines.append(f"  modality {mm.name} ({mm.kind}): {mm.bands} bands{wl}")
         lines.append(f"  invalid pixels: {m.invalid_pixels}")
+        lines.append(f"  val split: {val_split_text(m.val_split)}")
         lines.append(f"  classes ({len(m.class_names)}):")
         counts = {s: np.bincount(self.labels(s).ravel(), minlength=self.num_classes + 1) for s in self.splits}
         header = "    " + f"{'class':<24}" + "".join(f"{s:>9}" for s in self.splits)
@@ -464,6 +472,26 @@ class Scene:
         if feats:
             lines.append(f"  cached features: {', '.join(sorted(feats))}")
         return "\n".join(lines)
+
+
+def val_split_text(info: dict) -> str:
+    """One line on how val was made, from SceneMeta.val_split (what ``bdgf info`` prints)."""
+    method = info.get("method", "unknown")
+    if method == "none":
+        return "none (no val carved)"
+    dist = info.get("min_distance", "unknown")
+    metric = info.get("metric", "chebyshev")
+    text = f"{method}; min distance val-train {dist if dist is not None else 'n/a'} px ({metric})"
+    if info.get("buffer"):
+        text += f"; buffer {info['buffer']} px dropped {info.get('dropped_train', 0)} train px"
+    if info.get("unbuffered_classes"):
+        text += (f"; classes {info['unbuffered_classes']} too small for the buffer "
+                 f"(without them {info.get('min_distance_buffered')} px)")
+    if info.get("fallback_classes"):
+        text += f"; classes {info['fallback_classes']} carved as blocks"
+    if info.get("regions"):
+        text += f"; {info['regions']} train regions"
+    return text
 
 
 def pad_block(block: np.ndarray, pads, mode: str) -> np.ndarray:

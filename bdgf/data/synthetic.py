@@ -27,9 +27,12 @@ How a scene is made (every step draws from its own seeded numpy Generator stream
    (VV, VH, HH, HV: specular water, rough surfaces, volume scattering of canopy, double bounce of
    buildings), multiplied by gamma speckle of ``sar_looks`` looks, then 10·log10.
 5. **Labels**: pixels off class boundaries inside smooth "surveyed" blobs form the labelled subset;
-   ``train_per_class + val_per_class`` pixels per class (in small clusters where asked) are drawn,
-   ``carve_val`` moves exactly ``val_per_class`` of them to ``val``; the rest of the labelled
-   subset is ``test``. So ``train`` holds exactly ``train_per_class`` pixels of every class.
+   ``train_per_class`` pixels per class (in small clusters where asked) are drawn for ``train``,
+   then ``val_per_class`` for ``val`` only among labelled pixels farther than the patch radius
+   (5 px, Chebyshev) from every train pixel (``val_split="regions"``, the default; ``blocks``:
+   one compact block per class; ``random``: the old draw, train + val together and val carved at
+   random, so val sits next to train); the rest of the labelled subset is ``test``. So ``train``
+   holds exactly ``train_per_class`` pixels and ``val`` exactly ``val_per_class`` of every class.
 
 Presets (``PRESETS``):
 
@@ -91,7 +94,7 @@ import numpy as np
 from scipy import ndimage
 
 from bdgf.data.scene import ModalityData, SceneData
-from bdgf.data.splits import carve_val
+from bdgf.data.splits import DEFAULT_BUFFER, DISTANCE_METRIC, VAL_METHODS, carve_val, min_distance, regions
 from bdgf.errors import InputError
 
 # ----------------------------------------------------------------------------------------
@@ -598,18 +601,49 @@ def _draw_clusters(rng: np.random.Generator, coords: np.ndarray, n: int, cluster
     return np.asarray(picked)
 
 
-def _splits(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """{"train", "val", "test"}: (H, W) uint16 label rasters, disjoint."""
+def _splits(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator, val_split: str = "regions"
+            ) -> tuple[dict[str, np.ndarray], dict]:
+    """({"train", "val", "test"}: (H, W) uint16 label rasters, disjoint; val info for the metadata).
+
+    ``random``: train + val drawn together, val carved at random (val next to train). ``regions``
+    / ``blocks``: train drawn first; val drawn only from labelled pixels farther than
+    ``DEFAULT_BUFFER`` (Chebyshev) from every train pixel (the farthest ones where too few are),
+    in clusters like train's (``regions``) or as one compact block per class (``blocks``)."""
+    if val_split not in VAL_METHODS:
+        raise InputError(f"val split method must be one of {', '.join(VAL_METHODS)}, got {val_split!r}")
     lab = _labelled(cfg, cmap, rng)
-    n_tv = cfg.train_per_class + cfg.val_per_class
-    trainval = np.zeros(cmap.shape, np.uint16)
-    for k in range(1, len(cfg.classes) + 1):
-        coords = np.argwhere(lab & (cmap == k))
-        idx = _draw_clusters(rng, coords, n_tv, cfg.train_cluster)
-        trainval[coords[idx, 0], coords[idx, 1]] = k
-    train, val = carve_val(trainval, fraction=cfg.val_per_class / n_tv, seed=int(rng.integers(2**31)))
+    k_all = range(1, len(cfg.classes) + 1)
+    if val_split == "random":
+        n_tv = cfg.train_per_class + cfg.val_per_class
+        trainval = np.zeros(cmap.shape, np.uint16)
+        for k in k_all:
+            coords = np.argwhere(lab & (cmap == k))
+            idx = _draw_clusters(rng, coords, n_tv, cfg.train_cluster)
+            trainval[coords[idx, 0], coords[idx, 1]] = k
+        train, val, info = carve_val(trainval, fraction=cfg.val_per_class / n_tv, seed=int(rng.integers(2**31)),
+                                     method="random", return_info=True)
+    else:
+        train = np.zeros(cmap.shape, np.uint16)
+        for k in k_all:
+            coords = np.argwhere(lab & (cmap == k))
+            idx = _draw_clusters(rng, coords, cfg.train_per_class, cfg.train_cluster)
+            train[coords[idx, 0], coords[idx, 1]] = k
+        dist = ndimage.distance_transform_cdt(train == 0, metric="chessboard")
+        val = np.zeros(cmap.shape, np.uint16)
+        cluster = cfg.train_cluster if val_split == "regions" else cfg.val_per_class
+        for k in k_all:
+            free = lab & (cmap == k) & (train == 0)
+            d = dist[free]
+            # the farthest threshold that still leaves val_per_class pixels (> DEFAULT_BUFFER where it can)
+            need = np.sort(d)[::-1][min(cfg.val_per_class, d.size) - 1]
+            coords = np.argwhere(free & (dist >= min(DEFAULT_BUFFER + 1, need)))
+            idx = _draw_clusters(rng, coords, cfg.val_per_class, cluster)
+            val[coords[idx, 0], coords[idx, 1]] = k
+        info = {"method": val_split, "metric": DISTANCE_METRIC, "buffer": DEFAULT_BUFFER,
+                "min_distance": min_distance(val, train), "regions": int(regions(train)[1]), "dropped_train": 0}
+    trainval = (train + val).astype(np.uint16)
     test = np.where(lab & (trainval == 0), cmap, 0).astype(np.uint16)
-    return {"train": train, "val": val, "test": test}
+    return {"train": train, "val": val, "test": test}, info
 
 
 # ----------------------------------------------------------------------------------------
@@ -617,10 +651,11 @@ def _splits(cfg: SceneConfig, cmap: np.ndarray, rng: np.random.Generator) -> dic
 # ----------------------------------------------------------------------------------------
 
 
-def make_scene(preset: Union[str, SceneConfig], seed: int = 0) -> SceneData:
+def make_scene(preset: Union[str, SceneConfig], seed: int = 0, val_split: str = "regions") -> SceneData:
     """A deterministic synthetic SceneData: modalities ``hsi`` (B, H, W) reflectance,
     ``lidar``/``dsm`` (1–2, H, W) metres, optionally ``sar`` (4, H, W) dB; labels train/val/test
-    (H, W) uint16. Same (preset, seed) → bit-identical arrays."""
+    (H, W) uint16. Same (preset, seed, val_split) → bit-identical arrays. ``val_split``: how val
+    is placed (regions, blocks: farther than the patch radius from train; random: next to it)."""
     cfg = get_config(preset)
     cmap = _layout(cfg, _rng(seed, _LAYOUT))
     hsi, centres = _hsi(cfg, cmap, _rng(seed, _HSI))
@@ -634,6 +669,7 @@ def make_scene(preset: Union[str, SceneConfig], seed: int = 0) -> SceneData:
             band_names=["dsm", "intensity"][: cfg.lidar_bands], units="m", source=f"synthetic:{cfg.name}",
         ),
     }
+    labels, val_info = _splits(cfg, cmap, _rng(seed, _LABELS), val_split)
     if cfg.sar:
         mods["sar"] = ModalityData(
             _sar(cfg, cmap, _rng(seed, _SAR)), kind="sar", band_names=[f"{b}_dB" for b in SAR_BANDS],
@@ -642,8 +678,9 @@ def make_scene(preset: Union[str, SceneConfig], seed: int = 0) -> SceneData:
     return SceneData(
         name=f"synthetic-{cfg.name}-s{seed}",
         modalities=mods,
-        labels=_splits(cfg, cmap, _rng(seed, _LABELS)),
+        labels=labels,
         class_names=cfg.class_names,
+        val_split=val_info,
         source={"synthetic": cfg.name, "seed": int(seed), "config": asdict(cfg)},
     )
 

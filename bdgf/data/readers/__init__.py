@@ -3,8 +3,10 @@
 >>> scene = read_dataset("trento", hsi="Italy_hsi.mat", lidar="Italy_lidar.mat", gt="allgrd.mat")
 >>> write_scene(scene, "trento.zarr")
 
-Every dataset reader carves ``val`` from ``train`` (``carve_val``, 20 %, seeded) unless called
-with ``val_fraction=0``; the official split sizes are kept in ``SceneData.source``.
+Every dataset reader carves ``val`` from ``train`` (``carve_val``, 20 %, seeded; whole labelled
+regions with a buffer ring by default, ``val_split="regions"|"blocks"|"random"``) unless called
+with ``val_fraction=0``; the official split sizes are kept in ``SceneData.source``, the val
+method and measured val-train distance in ``SceneData.val_split``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def read_dataset(name: str, **paths) -> SceneData:
     key = name.lower()
     if key not in READERS:
         raise InputError(f"unknown dataset {name!r}; known: {', '.join(READERS)}")
-    args = {k: Path(v) if isinstance(v, str) and k not in ("name",) else v for k, v in paths.items()}
+    args = {k: Path(v) if isinstance(v, str) and k not in ("name", "val_split") else v for k, v in paths.items()}
     fn = READERS[key]
     try:
         inspect.signature(fn).bind(**args)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from bdgf.data.scene import ModalityData
-from bdgf.data.splits import carve_val
+from bdgf.data.splits import DISTANCE_METRIC, VAL_METHODS, carve_val, min_distance
 from bdgf.errors import InputError
 
 
@@ -73,14 +73,23 @@ def check_modality_grids(mods: dict[str, ModalityData]) -> tuple[int, int]:
     return grid
 
 
-def with_val(labels: dict[str, np.ndarray], val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Carve ``val`` from ``train`` (seeded, stratified) unless ``val_fraction`` is 0."""
-    if not val_fraction or "train" not in labels or "val" in labels:
-        return labels
-    train, val = carve_val(labels["train"], fraction=val_fraction, seed=seed)
+def with_val(labels: dict[str, np.ndarray], val_fraction: float, seed: int, val_split: str = "regions"
+             ) -> tuple[dict[str, np.ndarray], dict]:
+    """(labels, val info): ``val`` carved from ``train`` (seeded, stratified; ``val_split``:
+    regions, blocks or random, see :func:`bdgf.data.splits.carve_val`) unless ``val_fraction`` is
+    0 or a ``val`` raster was given. The info dict goes to the store's metadata (``val_split``)."""
+    if val_split not in VAL_METHODS:
+        raise InputError(f"val split method must be one of {', '.join(VAL_METHODS)}, got {val_split!r}")
+    if "val" in labels:
+        return labels, {"method": "given", "metric": DISTANCE_METRIC,
+                        "min_distance": min_distance(labels["val"], labels.get("train", np.zeros(1)))}
+    if not val_fraction or "train" not in labels:
+        return labels, {"method": "none"}
+    train, val, info = carve_val(labels["train"], fraction=val_fraction, seed=seed, method=val_split,
+                                 return_info=True)
     out = {"train": train, "val": val}
     out.update((k, v) for k, v in labels.items() if k != "train")
-    return out
+    return out, info
 
 
 def files(**paths) -> dict[str, str]:
@@ -92,13 +101,14 @@ def count(lab: np.ndarray) -> int:
 
 
 def official_split_source(dataset: str, labels: dict[str, np.ndarray], val_fraction: float, seed: int,
-                          **paths) -> dict:
+                          val_split: str = "regions", **paths) -> dict:
     """Provenance of a dataset read with its official train/test rasters."""
     return {
         "dataset": dataset,
         "official_train": count(labels["train"]),
         "official_test": count(labels["test"]),
         "val_fraction": val_fraction,
+        "val_split": val_split,
         "seed": seed,
         "files": files(**paths),
     }

@@ -23,6 +23,7 @@ KEYS = {"hsi": "data_HS_LR", "sar": "data_SAR_HR", "dsm": "data_DSM", "train": "
 
 def read_augsburg(
     hsi: Path, sar: Path, dsm: Path, train: Path, test: Path, *, val_fraction: float = 0.2, seed: int = 0,
+    val_split: str = "regions",
     expected_bands: dict[str, int] | None = None,
 ) -> SceneData:
     """Read Augsburg from its .mat files. ``expected_bands`` overrides the per-modality band counts."""
@@ -42,8 +43,9 @@ def read_augsburg(
         lab = as_labels(load_mat_array(path, KEYS[split]), path, len(CLASS_NAMES))
         check_grid(lab, grid, path, hsi)
         labels[split] = lab
-    source = official_split_source("augsburg", labels, val_fraction, seed, hsi=hsi, sar=sar, dsm=dsm, train=train, test=test)
+    source = official_split_source("augsburg", labels, val_fraction, seed, val_split, hsi=hsi, sar=sar, dsm=dsm, train=train, test=test)
+    labels, val_info = with_val(labels, val_fraction, seed, val_split)
     return SceneData(
-        name="augsburg", modalities=mods, labels=with_val(labels, val_fraction, seed),
+        name="augsburg", modalities=mods, labels=labels, val_split=val_info,
         class_names=list(CLASS_NAMES), source=source,
     )

@@ -70,6 +70,7 @@ def _to_chw(arr: np.ndarray, fmt: str, path: Path, grid: tuple[int, int] | None)
 def read_generic(
     modalities: dict[str, str | Path], labels: dict[str, str | Path] | None = None,
     class_names: list[str] | None = None, *, name: str = "scene", val_fraction: float = 0.2, seed: int = 0,
+    val_split: str = "regions",
 ) -> SceneData:
     """A scene from per-modality files and label rasters (see the module docstring).
 
@@ -108,11 +109,13 @@ def read_generic(
         "dataset": "generic",
         **{f"given_{s}": count(v) for s, v in labs.items()},
         "val_fraction": val_fraction,
+        "val_split": val_split,
         "seed": seed,
         "files": {**files(**{f"modality_{m}": split_key(p)[0] for m, p in modalities.items()}),
                   **files(**{f"labels_{s}": split_key(p)[0] for s, p in labels.items()})},
     }
+    labs, val_info = with_val(labs, val_fraction, seed, val_split)
     return SceneData(
-        name=name, modalities=mods, labels=with_val(labels=labs, val_fraction=val_fraction, seed=seed),
+        name=name, modalities=mods, labels=labs, val_split=val_info,
         class_names=list(class_names), crs=crs, transform=transform, source=source,
     )

@@ -27,6 +27,7 @@ WAVELENGTH_RANGE_NM = (380.0, 1050.0)
 
 def read_houston2013(
     hsi: Path, lidar: Path, train: Path, test: Path, *, val_fraction: float = 0.2, seed: int = 0,
+    val_split: str = "regions",
     expected_bands: int | None = HSI_BANDS,
 ) -> SceneData:
     """Read Houston2013 from its native GeoTIFFs. CRS and geotransform come from the HSI file.
@@ -52,8 +53,9 @@ def read_houston2013(
         lab = as_labels(read_label_raster(path)[0], path, len(CLASS_NAMES))
         check_grid(lab, grid, path, hsi)
         labels[split] = lab
-    source = official_split_source("houston2013", labels, val_fraction, seed, hsi=hsi, lidar=lidar, train=train, test=test)
+    source = official_split_source("houston2013", labels, val_fraction, seed, val_split, hsi=hsi, lidar=lidar, train=train, test=test)
+    labels, val_info = with_val(labels, val_fraction, seed, val_split)
     return SceneData(
-        name="houston2013", modalities=mods, labels=with_val(labels, val_fraction, seed),
+        name="houston2013", modalities=mods, labels=labels, val_split=val_info,
         class_names=list(CLASS_NAMES), crs=crs, transform=transform, source=source,
     )

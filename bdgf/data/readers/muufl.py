@@ -39,7 +39,7 @@ def _first(obj):
 
 
 def read_muufl(
-    path: Path, per_class: int = 20, seed: int = 0, *, val_fraction: float = 0.2,
+    path: Path, per_class: int = 20, seed: int = 0, *, val_fraction: float = 0.2, val_split: str = "regions",
     expected_bands: int | None = HSI_BANDS,
 ) -> SceneData:
     """Read MUUFL Gulfport and draw a seeded per-class split (``per_class`` train pixels per class)."""
@@ -76,11 +76,13 @@ def read_muufl(
         "train_pixels": count(train),
         "test_pixels": count(test),
         "val_fraction": val_fraction,
+        "val_split": val_split,
         "seed": seed,
         "files": files(data=path),
     }
+    labels, val_info = with_val(labels, val_fraction, seed, val_split)
     return SceneData(
-        name="muufl", modalities=mods, labels=with_val(labels, val_fraction, seed),
+        name="muufl", modalities=mods, labels=labels, val_split=val_info,
         class_names=list(CLASS_NAMES), source=source,
     )
 

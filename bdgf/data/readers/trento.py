@@ -31,7 +31,8 @@ HSI_BANDS = 63
 
 def read_trento(
     hsi: Path, lidar: Path, train: Path | None = None, test: Path | None = None, gt: Path | None = None, *,
-    per_class: int = 20, val_fraction: float = 0.2, seed: int = 0, expected_bands: int | None = HSI_BANDS,
+    per_class: int = 20, val_fraction: float = 0.2, seed: int = 0, val_split: str = "regions",
+    expected_bands: int | None = HSI_BANDS,
 ) -> SceneData:
     """Read Trento from its .mat files; see the module docstring for how the split is chosen."""
     if train is None and gt is None:
@@ -79,10 +80,12 @@ def read_trento(
         "labelled_in_ground_truth": count(full) if gt is not None and split != "official" else None,
         "per_class": per_class if train is None else None,
         "val_fraction": val_fraction,
+        "val_split": val_split,
         "seed": seed,
         "files": files(hsi=hsi, lidar=lidar, train=train, test=test, gt=gt),
     }
+    labels, val_info = with_val(labels, val_fraction, seed, val_split)
     return SceneData(
-        name="trento", modalities=mods, labels=with_val(labels, val_fraction, seed),
+        name="trento", modalities=mods, labels=labels, val_split=val_info,
         class_names=list(CLASS_NAMES), source={k_: v for k_, v in source.items() if v is not None},
     )
