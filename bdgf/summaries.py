@@ -81,10 +81,18 @@ class TrainSummary(_Record):
     workers: int
     engine: str
     epochs_run: int = 0
+    train_oa: float | None = None  # the selected model on every train pixel
+    train_nll: float | None = None
+    stopped_early: bool = False  # patience ran out before train.epochs
+    patience: int | None = None
+    train_split: str = "train"
+    val_split: str = "val"
 
     def line(self) -> str:
-        return (f"seed {self.seed}: best val OA {self.val_oa:.4f} at epoch {self.epoch} of {self.epochs_run} "
-                f"({self.workers} worker(s), {self.engine}; {self.wall_s:.1f} s)")
+        stop = f"stopped early (patience {self.patience})" if self.stopped_early else "ran every epoch"
+        return (f"seed {self.seed}: selected epoch {self.epoch} of {self.epochs_run} ({stop}): "
+                f"val OA {self.val_oa:.4f} NLL {self.val_nll:.4f}, train OA {_num(self.train_oa, '.4f')} "
+                f"NLL {_num(self.train_nll, '.4f')} ({self.workers} worker(s), {self.engine}; {self.wall_s:.1f} s)")
 
 
 @dataclass
@@ -106,4 +114,32 @@ class EvalSummary(_Record):
         lines = [f"{self.split}{without} over seeds {self.seeds}: OA {ms(self.oa)}  AA {ms(self.aa)}  kappa {ms(self.kappa)}"]
         for b, d in self.branches.items():
             lines.append(f"  {b:<12} OA {ms(d['oa'])}  AA {ms(d['aa'])}  kappa {ms(d['kappa'])}")
+        return "\n".join(lines)
+
+
+@dataclass
+class CVSummary(_Record):
+    """Grouped cross-validation of the classifier (``bdgf cv``): one classifier per fold, trained
+    on the other folds' regions and scored on the fold's."""
+
+    folds: int
+    seed: int
+    oa: dict[str, float]  # {"mean", "std"} over folds (sample std, ddof=1)
+    aa: dict[str, float]
+    kappa: dict[str, float]
+    per_fold: list[dict] = field(default_factory=list)  # fold, regions, pixels, oa, aa, kappa, epoch, ...
+    regions: int = 0  # labelled regions split into folds
+    buffer: int = 0  # px of the ring dropped from a fold's train around its test
+    wall_s: float = 0.0
+
+    def text(self) -> str:
+        def ms(d: dict) -> str:
+            return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+
+        lines = [f"{self.folds}-fold grouped CV ({self.regions} regions, seed {self.seed}): "
+                 f"OA {ms(self.oa)}  AA {ms(self.aa)}  kappa {ms(self.kappa)}  (mean ± sample std over folds)"]
+        for f in self.per_fold:
+            lines.append(f"  fold {f['fold']}: {f['test_pixels']:>6} test px in {f['test_regions']:>4} regions  "
+                         f"OA {100 * f['oa']:.2f}  AA {100 * f['aa']:.2f}  kappa {100 * f['kappa']:.2f}  "
+                         f"(epoch {f['epoch']}, val OA {100 * f['val_oa']:.2f})")
         return "\n".join(lines)

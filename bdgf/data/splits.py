@@ -11,15 +11,16 @@ unseen ground. :func:`carve_val` therefore works on whole regions by default (``
 ``regions`` (default)
     A *region* is a connected (8-neighbour) group of one class's train pixels. Per class, the
     regions are visited in a seeded order and a region goes to val when it brings the class's val
-    count closer to ``round(fraction * n_k)`` (at least one region always stays in train), so
-    classes keep their proportions to within one region. A class with a single region falls back
-    to a block for that class, and so does a class whose regions are too coarse to come within
-    half of its target (Houston2013's tennis court: two regions of ~90 px for a target of 36).
+    count closer to ``round(fraction * n_k)``; at least one region always stays in train, and when
+    every region overshoots the target the smallest one goes to val (Houston2013's tennis court: two
+    regions of ~90 px for a target of 36), so classes keep their proportions to within one region
+    and a region never straddles val and train. A class with a single region falls back to a
+    block cut from it.
 ``blocks``
     A class's train pixels are grouped by square grid blocks of side ``4 * (2r + 1)`` (44 px for
-    r = 5) and the blocks are carved like regions. A class whose blocks are too few or too coarse is cut
+    r = 5) and the blocks are carved like regions. A class whose pixels lie in one block is cut
     along its longer axis: the ``round(fraction * n_k)`` pixels at one (seeded) end go to val.
-    This end cut is also the block a ``regions`` class falls back to.
+    This end cut is also the block a single-region class falls back to under ``regions``.
 ``random``
     Seeded, stratified random pixels (the old behaviour; val pixels sit next to train pixels).
 
@@ -111,6 +112,8 @@ def _pick_units(units: np.ndarray, target: int, rng: np.random.Generator) -> np.
         if abs(count + sizes[i] - target) < abs(count - target):
             chosen.append(ids[i])
             count += int(sizes[i])
+    if not chosen:  # every unit overshoots: the smallest one, so the class is in val at all
+        chosen = [ids[np.argmin(sizes)]]
     return np.isin(units, chosen)
 
 
@@ -153,8 +156,9 @@ def carve_val(train: np.ndarray, fraction: float = 0.2, seed: int = 0, min_train
             units = region_id[coords[:, 0], coords[:, 1]]
             if method == "blocks":
                 units = _block_units(coords, side)
-            sel = _pick_units(units, target, rng) if len(np.unique(units)) > 1 else None
-            if sel is None or abs(int(sel.sum()) - target) > target / 2:  # one region, or too coarse
+            if len(np.unique(units)) > 1:
+                sel = _pick_units(units, target, rng)
+            else:  # a single region (or block): cut it
                 if method == "regions":
                     fallback.append(int(k))
                 sel = _end_chunk(coords, target, rng)

@@ -4,6 +4,14 @@ One driver, :func:`train`, runs :func:`train_body` here (``workers=0``) or on Ra
 both write ``train/seed<k>/`` the same way and return a :class:`~bdgf.summaries.TrainSummary`.
 :func:`train_epochs` is the loop; :func:`evaluate` scores every trained seed.
 
+Model selection and early stopping (:func:`train_epochs`): an epoch is *better* when its val OA
+is higher than the best so far, or equal to it with a val NLL lower than the best by more than
+``NLL_MIN_DELTA`` (0.01 nats per pixel). Only a better epoch is kept and resets the patience
+counter, so when val saturates (OA 1.0, common on small val splits) the run stops ``patience``
+epochs after the NLL last dropped by 0.01, instead of training on the NLL's ever smaller gains to
+the last epoch. The summary reports the selected epoch with its val figures and the train OA /
+NLL of that same model (all train pixels, no modality dropout).
+
 Glossary (letters as in docs/glossary.md): B batch, C bands, P patch side, K classes, N pixels of a split.
 """
 
@@ -34,7 +42,7 @@ from bdgf.metrics import classification_report
 from bdgf.models.classifier import BDGFClassifier, ClassifierConfig
 from bdgf.models.inputs import classifier_input, input_channels
 from bdgf.progress import Progress
-from bdgf.run import Run, read_checkpoint, read_jsonl
+from bdgf.run import Run, classifier_from_checkpoint, read_checkpoint, read_jsonl
 from bdgf.summaries import EvalSummary, TrainSummary
 
 log = logging.getLogger("bdgf.train")
@@ -136,18 +144,30 @@ def predict(model, loader: Iterable[dict], view: ModalityView, device="cpu", abs
             np.concatenate(cs))
 
 
+#: a tie on val OA counts as better only when the val NLL drops by more than this (nats per pixel)
+NLL_MIN_DELTA = 0.01
+
+
+def better(oa: float, nll: float, best: dict, min_delta: float = NLL_MIN_DELTA) -> bool:
+    """Whether val (``oa``, ``nll``) beats ``best`` {"val_oa", "val_nll"}: a higher OA, or the same
+    OA with an NLL lower by more than ``min_delta``."""
+    return oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"] - min_delta)
+
+
 def train_epochs(model, criterion, train_loader, val_loader, stepper, view: ModalityView, *, epochs: int,
                  start_epoch: int = 0,
                  best: dict | None = None, val_every: int = 1, patience: int = 10, keep_last: bool = False,
+                 min_delta: float = NLL_MIN_DELTA,
                  on_log: Callable[[dict], None] | None = None, on_best: Callable[[int, float], None] | None = None,
                  on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = False,
                  device="cpu", set_epoch: Callable[[int], None] | None = None) -> dict:
     """Train epochs ``start_epoch+1 .. epochs``; after every ``val_every`` epochs score val and
-    call ``on_best(epoch, oa)`` when it improves (higher OA; a tie, common on small val splits,
-    goes to the lower val NLL); ``on_epoch_end(epoch, best)`` after each epoch. Stops after
-    ``patience`` epochs without improvement. ``keep_last``: a fixed schedule instead (every epoch
-    runs, each scored epoch replaces the kept one). NaN loss stops with TrainingDiverged (the best
-    checkpoint so far is kept). Returns the kept {"epoch", "val_oa", "val_nll"}."""
+    call ``on_best(epoch, oa)`` when it is :func:`better` (higher OA; on a tie, common on small or
+    saturated val splits, an NLL lower by more than ``min_delta``); ``on_epoch_end(epoch, best)``
+    after each epoch. Stops after ``patience`` epochs without a better one. ``keep_last``: a fixed
+    schedule instead (every epoch runs, each scored epoch replaces the kept one). NaN loss stops
+    with TrainingDiverged (the best checkpoint so far is kept). Returns the kept {"epoch",
+    "val_oa", "val_nll", "stopped_early"} (``stopped_early``: patience ran out before ``epochs``)."""
     best = dict(best) if best else {"epoch": 0, "val_oa": -1.0, "val_nll": float("inf")}
     step, since_best = 0, 0
     bar = Progress(epochs, "train", "epoch", initial=start_epoch, enabled=progress)
@@ -175,17 +195,20 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, view: Moda
                     on_log({"epoch": epoch, "val_oa": oa, "val_nll": nll, "patches_per_s": seen / max(dt, 1e-9)})
                 t0, seen = time.perf_counter(), 0
                 figures.update(val_oa=oa, val_nll=nll)
-                if keep_last or oa > best["val_oa"] or (oa == best["val_oa"] and nll < best["val_nll"]):
+                if keep_last or better(oa, nll, best, min_delta):
                     best = {"epoch": epoch, "val_oa": oa, "val_nll": nll}
                     since_best = 0
                     if on_best is not None:
                         on_best(epoch, oa)
                 else:
                     since_best += val_every
+            stop = since_best >= patience and epoch < epochs
+            if stop:
+                best = {**best, "stopped_early": True}
             bar.update(1, **figures, best_epoch=best["epoch"])
             if on_epoch_end is not None:
                 on_epoch_end(epoch, best)
-            if since_best >= patience:
+            if stop:
                 break
     finally:
         bar.close()
@@ -193,10 +216,10 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, view: Moda
 
 
 def patch_loaders(store: str, cfg: TrainConfig, seed: int, val_split: str, view: ModalityView, *,
-                  micro_batch: int, rank: int = 0, world: int = 1):
+                  micro_batch: int, rank: int = 0, world: int = 1, train_split: str = "train"):
     """(train dataset, train loader, val loader) for this rank: a seeded, reshuffled-per-epoch
-    shard of the train pixels (all of them for one process), and every val pixel."""
-    train_ds = PatchDataset(store, "train", rank=rank, world_size=world, seed=seed, shuffle=True,
+    shard of the ``train_split`` pixels (all of them for one process), and every val pixel."""
+    train_ds = PatchDataset(store, train_split, rank=rank, world_size=world, seed=seed, shuffle=True,
                             patch_size=cfg.patch_size, features=view.feature_names)
     val_ds = PatchDataset(store, val_split, patch_size=cfg.patch_size, features=LEVELS)
     g = torch.Generator().manual_seed(seed) if world == 1 else None
@@ -216,7 +239,7 @@ def train_body(job: dict, ctx) -> None:
     (``classifier.pt``) and the progress (``train_state.pt``).
 
     job: {"store", "run_config", "seed", "signature", "feature_channels", "val_split",
-    "micro_batch", "progress"}.
+    "micro_batch", "progress"}, and optionally "train_split" (default "train").
     """
     tc = RunConfig.from_dict(job["run_config"]).train
     seed = int(job["seed"])
@@ -225,7 +248,7 @@ def train_body(job: dict, ctx) -> None:
     view = ModalityView(scene.modality_names, scene.channel_modality, tc.modality_dropout, seed + 1_000 * ctx.rank)
     train_ds, train_loader, val_loader = patch_loaders(job["store"], tc, seed, job["val_split"], view,
                                                        micro_batch=int(job["micro_batch"]), rank=ctx.rank,
-                                                       world=ctx.world)
+                                                       world=ctx.world, train_split=job.get("train_split", "train"))
     model, criterion = build_classifier(tc, input_channels(scene.total_bands, len(scene.modality_names)),
                                         job["feature_channels"], scene.num_classes)
     joint = JointModule(model, criterion)
@@ -282,9 +305,12 @@ def train_body(job: dict, ctx) -> None:
 
 def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, overrides: dict | None = None,
           progress: bool = True, workers: int = 0, address: str | None = None, storage: str | None = None,
-          max_failures: int | None = None, ds_config: str | None = None) -> TrainSummary:
+          max_failures: int | None = None, ds_config: str | None = None, train_split: str = "train",
+          val_split: str | None = None, out_dir: str | Path | None = None) -> TrainSummary:
     """Train one classifier (one seed) on a store with cached features into ``run_dir``
-    (``workers=N``: on N Ray Train workers)."""
+    (``workers=N``: on N Ray Train workers). ``train_split`` / ``val_split`` name the store's
+    label splits to fit and select on (default "train", and "val" where the store has one, else
+    the train split); ``out_dir``: where the classifier goes (default ``RUN/train/seed<k>``)."""
     store = str(Path(store).resolve())
     scene = open_stores([store], where="driver")[0]
     run = Run(run_dir)
@@ -297,8 +323,12 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
     view = ModalityView(scene.modality_names, scene.channel_modality, tc.modality_dropout)
     feature_channels = feature_cache.ready_channels(store, view.feature_names)
     feature_channels = {level: feature_channels[level] for level in LEVELS}
-    val_split = "val" if "val" in scene.splits else "train"
-    if val_split == "train" and tc.selection == "val":
+    for name in (train_split, val_split):
+        if name is not None and name not in scene.splits:
+            raise BDGFError(f"{store}: no split {name!r}; has {scene.splits}")
+    if val_split is None:
+        val_split = "val" if "val" in scene.splits else train_split
+    if val_split == train_split and tc.selection == "val":
         log.warning("%s has no val split: model selection falls back to train accuracy "
                     "(set train.selection: last for a fixed schedule)", store)
     model, _ = build_classifier(tc, input_channels(scene.total_bands, len(scene.modality_names)), feature_channels,
@@ -308,7 +338,7 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
     del model
     job = {"store": store, "run_config": config.to_dict(), "seed": seed, "signature": signature,
            "feature_channels": feature_channels, "val_split": val_split, "micro_batch": tc.batch_size,
-           "progress": progress}
+           "progress": progress, "train_split": train_split}
     launch = None
     if workers:
         from bdgf.distributed.launch import prepare_launch
@@ -317,7 +347,7 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
                                 micro_batch=tc.batch_size, grad_clip=tc.grad_clip, ds_config=ds_config,
                                 storage=storage, max_failures=max_failures, signature=signature)
         job.update(micro_batch=launch.micro_batch, progress=False)
-    out = run.seed_dir(seed)
+    out = run.seed_dir(seed) if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
 
@@ -337,11 +367,28 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
     except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
         log.warning("train curves not drawn: %s", exc)
     best = state["best"]
+    fit = score_checkpoint(store, out / "classifier.pt", train_split, patch_size=tc.patch_size, modalities=view)
     summary = TrainSummary(seed=seed, epoch=int(best["epoch"]), val_oa=float(best["val_oa"]),
                            val_nll=float(best["val_nll"]), wall_s=wall, branches=list(tc.branches),
-                           workers=max(workers, 1), engine=engine, epochs_run=int(state["epoch"]))
+                           workers=max(workers, 1), engine=engine, epochs_run=int(state["epoch"]),
+                           train_oa=fit["oa"], train_nll=fit["nll"], stopped_early=bool(best.get("stopped_early")),
+                           patience=tc.patience, train_split=train_split, val_split=val_split)
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+def score_checkpoint(store: str | Path, checkpoint: str | Path, split: str, *, patch_size: int,
+                     modalities: ModalityView | None = None) -> dict:
+    """OA, NLL and the classification report of the classifier saved at ``checkpoint`` on every
+    pixel of ``split`` (no modality absent): {"oa", "nll", "report"}."""
+    scene = Scene.open(store)
+    view = modalities or ModalityView(scene.modality_names, scene.channel_modality)
+    model = classifier_from_checkpoint(read_checkpoint(checkpoint, "classifier checkpoint"))
+    ds = PatchDataset(str(store), split, patch_size=patch_size, features=LEVELS)
+    y, p, _, _ = predict(model, DataLoader(ds, batch_size=256), view)
+    nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+    return {"oa": float((p.argmax(1) == y).mean()), "nll": nll,
+            "report": classification_report(y, p.argmax(1), scene.class_names)}
 
 
 def _mean_std(values) -> dict[str, float]:
