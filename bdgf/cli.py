@@ -251,6 +251,21 @@ def evaluate(
 
 
 @command()
+def cv(
+    store: Path = typer.Argument(..., help="Scene store with cached features."),
+    run: Path = typer.Option(..., "--run", help="Run directory with a pretrained denoiser (features computed)."),
+    folds: int = typer.Option(5, help="Folds; whole labelled regions are dealt to them, stratified by class."),
+    seed: int = typer.Option(0, help="Seed of the folds, the carved val and the classifiers."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: train.epochs=10."),
+) -> None:
+    """Grouped cross-validation: one classifier per fold (regions never straddle folds); OA/AA/kappa
+    mean ± sample std over folds, written to RUN/eval/cv.json."""
+    from bdgf.engine.cv import cross_validate
+
+    typer.echo(cross_validate(store, run, folds=folds, seed=seed, overrides=_overrides(set_)).text())
+
+
+@command()
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the store, the run and the PNGs."),
     seed: int = typer.Option(0, help="Scene and training seed."),

@@ -463,11 +463,12 @@ class Scene:
         lines.append(f"  val split: {val_split_text(m.val_split)}")
         lines.append(f"  classes ({len(m.class_names)}):")
         counts = {s: np.bincount(self.labels(s).ravel(), minlength=self.num_classes + 1) for s in self.splits}
-        header = "    " + f"{'class':<24}" + "".join(f"{s:>9}" for s in self.splits)
+        wide = {s: max(9, len(s) + 2) for s in self.splits}  # cv<k>_train and the like need more
+        header = "    " + f"{'class':<24}" + "".join(f"{s:>{wide[s]}}" for s in self.splits)
         lines.append(header)
         for k, cname in enumerate(m.class_names, start=1):
-            lines.append("    " + f"{k:>2} {cname[:21]:<21}" + "".join(f"{counts[s][k]:>9}" for s in self.splits))
-        lines.append("    " + f"{'total':<24}" + "".join(f"{m.split_counts[s]:>9}" for s in self.splits))
+            lines.append("    " + f"{k:>2} {cname[:21]:<21}" + "".join(f"{counts[s][k]:>{wide[s]}}" for s in self.splits))
+        lines.append("    " + f"{'total':<24}" + "".join(f"{m.split_counts[s]:>{wide[s]}}" for s in self.splits))
         feats = [k for k in self.root["features"].array_keys() if not k.startswith("_")] if "features" in self.root else []
         if feats:
             lines.append(f"  cached features: {', '.join(sorted(feats))}")
