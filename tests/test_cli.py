@@ -82,11 +82,35 @@ def test_ingest_generic_through_the_cli(tmp_path):
     counts = scene.meta.split_counts
     assert counts["train"] + counts["val"] == 72 and counts["test"] == 40
     assert counts["val"] == 14  # round(0.2 * 36) per class, stratified
+    # each class is one 6x6 region: val is a block cut from one end, too small for the 5-px ring
+    assert scene.meta.val_split["method"] == "regions" and scene.meta.val_split["fallback_classes"] == [1, 2]
+    assert scene.meta.val_split["unbuffered_classes"] == [1, 2]
+    r = bdgf("ingest", "generic", tmp_path / "r.zarr", "--modality", f"hsi={tmp_path / 'hsi.npy'}",
+             "--labels", f"train={tmp_path / 'train.npy'}", "--labels", f"test={tmp_path / 'test.npy'}",
+             "--val-split", "random")
+    assert r.returncode == 0, r.stderr
+    assert "val split: random; min distance val-train 1 px (chebyshev)" in r.stdout
+    assert Scene.open(tmp_path / "r.zarr").meta.source["val_split"] == "random"
+
+
+def test_val_split_option_is_recorded_and_printed_by_info(tmp_path):
+    far, near = tmp_path / "regions.zarr", tmp_path / "random.zarr"
+    assert bdgf("synth", far, "--preset", "demo").returncode == 0  # regions by default
+    assert bdgf("synth", near, "--preset", "demo", "--val-split", "random").returncode == 0
+    a, b = Scene.open(far), Scene.open(near)
+    assert a.meta.val_split["method"] == "regions" and a.meta.val_split["min_distance"] >= 6
+    assert b.meta.val_split["method"] == "random" and b.meta.val_split["min_distance"] == 1
+    info = bdgf("info", far)
+    assert f"val split: regions; min distance val-train {a.meta.val_split['min_distance']} px (chebyshev)" in info.stdout
+    r = bdgf("synth", tmp_path / "x.zarr", "--preset", "tiny", "--val-split", "stripes")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "val split method must be one of regions, blocks, random, got 'stripes'" in r.stderr
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_help_explains_every_command():
     r = bdgf("--help")
-    for cmd in ("synth", "ingest", "info", "preview", "pretrain", "features", "train", "evaluate"):
+    for cmd in ("synth", "ingest", "info", "preview", "pretrain", "features", "train", "evaluate", "cv"):
         assert cmd in r.stdout
     r = bdgf("ingest", "--help")
-    assert "--overwrite" in r.stdout and "houston2013" in r.stdout
+    assert "--overwrite" in r.stdout and "houston2013" in r.stdout and "--val-split" in r.stdout
