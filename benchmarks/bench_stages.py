@@ -76,9 +76,13 @@ def child(stage: str, work: Path, pretrain_steps: int, epochs: int, threads: int
     elif stage == "features":
         s = compute_features(store, run, progress=False).to_dict()
         h, w = scene.shape
+        import zarr
+
+        halo = zarr.open_group(str(store), mode="r")["features"].attrs["spec"]["halo"]
+        variants = sum("_without_" in k for k in s["channels"]) // 3
         out.update(rate=s["pixels_per_s"], unit="pixels/s",
-                   detail=f"{h}×{w} px, tiles {cfg.features.tile_size} + halo {cfg.features.halo}, "
-                          f"timesteps {cfg.features.timesteps}, state {s['state']}")
+                   detail=f"{h}×{w} px, tiles {cfg.features.tile_size} + halo {halo}, "
+                          f"timesteps {cfg.features.timesteps}, {1 + variants} presence variants, state {s['state']}")
     elif stage == "train":
         s = train(store, run, seed=0, progress=False).to_dict()
         log = read_jsonl(run / "train" / "seed0" / "log.jsonl")
