@@ -87,7 +87,10 @@ class TrainConfig:
     branches: list = field(default_factory=lambda: ["cnn", "mamba", "transformer"])
     val_every: int = 1  # epochs
     patience: int = 20  # epochs without val improvement before stopping
-    # Which epoch's classifier is kept: "val" (best val OA, ties to lower val NLL, early stopping)
+    # An epoch is better than the best so far with a higher val OA, or the same OA and a val NLL
+    # lower by more than this (nats per pixel): so a val split that saturates at OA 1.0 still stops.
+    nll_min_delta: float = 0.01
+    # Which epoch's classifier is kept: "val" (the better epochs above, early stopping)
     # or "last" (a fixed schedule: every epoch runs and the last one is kept; the protocol for
     # training on a whole official train split with no val carved from it).
     selection: str = "val"
@@ -184,6 +187,8 @@ class RunConfig:
         known = {"cnn", "mamba", "transformer"}
         if not t.branches or set(t.branches) - known or len(set(t.branches)) != len(t.branches):
             raise ConfigError(f"{where}: train.branches must be a non-empty subset of {sorted(known)}, got {t.branches}")
+        if t.nll_min_delta < 0:
+            raise ConfigError(f"{where}: train.nll_min_delta must be >= 0, got {t.nll_min_delta}")
         if t.selection not in ("val", "last"):
             raise ConfigError(f"{where}: train.selection must be 'val' or 'last', got {t.selection!r}")
         if not 0.0 <= t.modality_dropout < 1.0:

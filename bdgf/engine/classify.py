@@ -6,8 +6,8 @@ both write ``train/seed<k>/`` the same way and return a :class:`~bdgf.summaries.
 
 Model selection and early stopping (:func:`train_epochs`): an epoch is *better* when its val OA
 is higher than the best so far, or equal to it with a val NLL lower than the best by more than
-``NLL_MIN_DELTA`` (0.01 nats per pixel). Only a better epoch is kept and resets the patience
-counter, so when val saturates (OA 1.0, common on small val splits) the run stops ``patience``
+``train.nll_min_delta`` (default ``NLL_MIN_DELTA``, 0.01 nats per pixel). Only a better epoch is
+kept and resets the patience counter, so when val saturates (OA 1.0, common on small val splits) the run stops ``patience``
 epochs after the NLL last dropped by 0.01, instead of training on the NLL's ever smaller gains to
 the last epoch. The summary reports the selected epoch with its val figures and the train OA /
 NLL of that same model (all train pixels, no modality dropout).
@@ -290,6 +290,7 @@ def train_body(job: dict, ctx) -> None:
     try:
         train_epochs(engine, criterion, train_loader, val_loader, stepper, view, epochs=tc.epochs, start_epoch=done,
                      best=best, val_every=tc.val_every, patience=tc.patience, keep_last=tc.selection == "last",
+                     min_delta=tc.nll_min_delta,
                      on_log=on_log, on_best=on_best,
                      on_epoch_end=on_epoch_end, progress=bool(job.get("progress")), device=ctx.device,
                      set_epoch=train_ds.set_epoch)
