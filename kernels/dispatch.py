@@ -10,8 +10,9 @@ Rules, per call:
     RuntimeError says so. The scan has no Triton kernel and stays chunked.
   * ``BDGF_KERNELS=auto`` (default) -> Triton when the tensors are on CUDA, Triton can launch,
     the dtype/shape class is on the tested allow-list and no trace is running; else the
-    reference. A Triton forward that fails to launch is logged, the op is marked broken for
-    this process and the reference is used.
+    reference. A Triton forward or backward that fails to launch is logged, the op is marked
+    broken for this process and the reference is used (a failed backward gets its gradients
+    from the reference, recomputed from the saved inputs).
   * Inside torch.export / torch.compile / ONNX export: always the references (traceable).
 Each (op, back end) choice is logged once on the ``bdgf.kernels`` logger.
 """
@@ -116,19 +117,74 @@ def backend_for(op_name: str, *tensors) -> str:
     return _note(op_name, "reference", f"auto on {dev.type}")
 
 
+def _fall_back(op: str, where: str, exc: BaseException) -> None:
+    _broken.add(op)
+    log.warning("kernel %s: Triton failed at %s launch (%s: %s); using the reference from now on",
+                op, where, type(exc).__name__, exc)
+
+
+class _GuardedBackward(torch.autograd.Function):
+    """Runs a Triton op whose backward launch may fail; on failure the gradients come from the
+    reference (recomputed from the saved inputs) and the op is marked broken.
+
+    The Triton op runs under ``enable_grad`` on detached aliases of the inputs, so its own graph is
+    kept (saved for backward: freed with the outer graph) and ``backward`` differentiates it with
+    ``torch.autograd.grad``. Not twice differentiable (neither are the Triton kernels)."""
+
+    @staticmethod
+    def forward(ctx, op, triton_fn, ref_fn, *args):
+        grad_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and ctx.needs_input_grad[3 + i]]
+        inner = [a.detach().requires_grad_() if i in grad_idx else a for i, a in enumerate(args)]
+        with torch.enable_grad():
+            out = triton_fn(*inner)
+        ctx.op, ctx.ref_fn, ctx.grad_idx = op, ref_fn, grad_idx
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(out, *[inner[i] for i in ctx.tensor_idx])
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        out, *tensors = ctx.saved_tensors
+        args = list(ctx.others)
+        for i, t in zip(ctx.tensor_idx, tensors):
+            args[i] = t
+        wrt = [args[i] for i in ctx.grad_idx]
+        try:
+            # retain_graph: the inner graph is freed with this node's saved tensors, so a second
+            # backward through a retained outer graph works as it would without the guard.
+            grads = torch.autograd.grad(out, wrt, g, retain_graph=True, allow_unused=True)
+        except Exception as exc:  # launch/compile failure of a backward kernel
+            _fall_back(ctx.op, "backward", exc)
+            with torch.enable_grad():
+                ref_args = list(args)
+                for i in ctx.grad_idx:
+                    ref_args[i] = args[i].detach().requires_grad_()
+                ref_out = ctx.ref_fn(*ref_args)
+                grads = torch.autograd.grad(ref_out, [ref_args[i] for i in ctx.grad_idx], g, allow_unused=True)
+        result = [None] * len(args)
+        for i, gr in zip(ctx.grad_idx, grads):
+            result[i] = gr
+        return (None, None, None, *result)
+
+
 def _run(op: str, backend: str, triton_fn, ref_fn, *args):
+    """Runs ``triton_fn`` or ``ref_fn`` on ``args``. In ``auto`` mode a Triton failure at
+    forward *or* backward launch falls back to the reference (logged, op marked broken);
+    ``BDGF_KERNELS=triton`` lets it raise. ``ValueError`` (bad input) is never swallowed."""
     if backend != "triton":
         return ref_fn(*args)
     if kernel_mode() == "triton":
         return triton_fn(*args)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     try:
+        if needs_grad:
+            return _GuardedBackward.apply(op, triton_fn, ref_fn, *args)
         return triton_fn(*args)
     except ValueError:
         raise
     except Exception as exc:  # compile/launch failure: fall back for the rest of the process
-        _broken.add(op)
-        log.warning("kernel %s: Triton failed (%s: %s); using the reference from now on",
-                    op, type(exc).__name__, exc)
+        _fall_back(op, "forward", exc)
         return ref_fn(*args)
 
 

@@ -136,10 +136,118 @@ def test_auto_falls_back_when_triton_fails(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="bdgf.kernels"):
         out = dispatch._run("cross_attention", "triton", broken, lambda *a: "ref", 1)
     assert out == "ref" and "cross_attention" in dispatch._broken
-    assert any("Triton failed" in r.message for r in caplog.records)
+    assert any("Triton failed at forward launch" in r.message for r in caplog.records)
     with pytest.raises(ValueError):  # a validation error is never swallowed
         dispatch._run("cross_attention", "triton", lambda *a: (_ for _ in ()).throw(ValueError("bad")),
                       lambda *a: "ref")
+
+
+class _BadConfig:
+    """A real Triton kernel launched with a bad configuration (a block that is not a power of two):
+    the launch fails inside Triton, as a kernel that does not compile for a device would."""
+
+    def __init__(self, lazy, **bad):
+        self.lazy, self.bad = lazy, bad
+
+    def __getitem__(self, grid):
+        launch = self.lazy[grid]
+        return lambda *args, **meta: launch(*args, **{**meta, **self.bad})
+
+
+def _triton_device():
+    """CUDA where Triton can launch there, else CPU under the interpreter (or skip, naming why)."""
+    from kernels._triton_util import can_launch
+
+    if torch.cuda.is_available() and can_launch(torch.device("cuda")):
+        return torch.device("cuda")
+    if not dispatch.interpreter_ready():
+        if torch.cuda.is_available():
+            pytest.skip("CUDA host where Triton cannot launch, and no interpreter (TRITON_INTERPRET unset)")
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run pytest with TRITON_INTERPRET=1")
+    return torch.device("cpu")
+
+
+def test_auto_falls_back_when_a_backward_launch_fails(monkeypatch, caplog):
+    """Forward on Triton, its dQ kernel fails at backward: the gradients come from the reference,
+    the failure is logged, the op is marked broken and the next call uses the reference."""
+    from kernels import tl_cross_attention as K
+
+    dev = _triton_device()
+    if dev.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(K, "attn_bwd_dq", _BadConfig(K.attn_bwd_dq, BLOCK_M=12))
+    q, k, v = (torch.randn(1, 2, 9, 16, device=dev, requires_grad=True) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger="bdgf.kernels"):
+        out = dispatch._run("cross_attention", "triton", dispatch._ca.cross_attention_triton,
+                            dispatch._ca.cross_attention_ref, q, k, v, None)
+        assert "cross_attention" not in dispatch._broken  # the forward ran on Triton
+        assert out.grad_fn is not None
+        ref = kernels.cross_attention_ref(q, k, v)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert "cross_attention" in dispatch._broken
+    assert any("Triton failed at backward launch" in r.message and "power of 2" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+    if dev.type == "cuda":  # auto: the op is now broken, so the next call is the reference
+        assert kernels.backend_for("cross_attention", q, k, v) == "reference"
+
+
+def test_backward_failure_of_masked_rowsum_falls_back(monkeypatch):
+    """The same for noise_and_mask: its mask_embed gradient kernel fails; the reference's gradient comes back."""
+    from kernels import tl_masked_denoise as K
+
+    dev = _triton_device()
+    if dev.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(K, "masked_rowsum", _BadConfig(K.masked_rowsum, BLOCK=24))
+    x0, eps, sab, s1, present, emb, cm = (t.to(dev) for t in _denoise_args())
+    emb.requires_grad_()
+    out = dispatch._run("noise_and_mask", "triton", md.noise_and_mask_triton, md.noise_and_mask_ref,
+                        x0, eps, sab, s1, present, emb, cm)
+    g = torch.randn_like(out)
+    got, = torch.autograd.grad(out, emb, g)
+    want, = torch.autograd.grad(md.noise_and_mask_ref(x0, eps, sab, s1, present, emb, cm), emb, g)
+    torch.testing.assert_close(got, want)
+    assert dispatch._broken == {"noise_and_mask"}
+
+
+def test_guarded_backward_without_failure_is_the_triton_gradient(monkeypatch):
+    """No failure: gradients through the guard equal Triton's own, nothing is marked broken, and a
+    second backward through a retained graph works."""
+    dev = _triton_device()
+    if dev.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pred = torch.randn(2, len(CM), 6, 5, device=dev, requires_grad=True)
+    target = torch.randn(2, len(CM), 6, 5, device=dev)
+    cm = CM.to(dev)
+    out = dispatch._run("balanced_mse", "triton", md.balanced_mse_triton, md.balanced_mse_ref, pred, target, cm, 2)
+    w = torch.rand(2, 2, device=dev)
+    first, = torch.autograd.grad(out, pred, w, retain_graph=True)
+    second, = torch.autograd.grad(out, pred, w)
+    plain, = torch.autograd.grad(md.balanced_mse_triton(pred, target, cm, 2), pred, w)
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(second, plain, rtol=0, atol=0)
+    assert not dispatch._broken
+
+
+def test_forced_triton_lets_a_backward_failure_raise(monkeypatch):
+    """BDGF_KERNELS=triton never falls back: the failing backward launch raises."""
+    from kernels import tl_cross_attention as K
+
+    dev = _triton_device()
+    if dev.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("BDGF_KERNELS", "triton")
+    monkeypatch.setattr(K, "attn_bwd_dkdv", _BadConfig(K.attn_bwd_dkdv, BLOCK_N=12))
+    q = torch.randn(1, 1, 5, 16, device=dev, requires_grad=True)
+    out = kernels.cross_attention(q, q, q)
+    with pytest.raises(Exception, match="power of 2"):
+        out.sum().backward()
+    assert not dispatch._broken
 
 
 def test_choice_logged_once(caplog):

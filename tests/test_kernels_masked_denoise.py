@@ -1,4 +1,6 @@
-"""Masked denoising kernels: references by definition, Triton (interpreter) vs reference."""
+"""Masked denoising kernels: references by definition, Triton vs reference: under Triton's
+interpreter on CPU (its own blocks, and the 1024-wide cap a GPU runs), and compiled on CUDA
+tensors (marked `gpu`; skipped with a reason where no CUDA device can launch Triton)."""
 
 from __future__ import annotations
 
@@ -29,17 +31,59 @@ PRESENT = {  # (B=3, M=3) patterns
 def interp(monkeypatch):
     from kernels._triton_util import interpreter_ready
 
+    if torch.cuda.is_available() and not interpreter_ready():
+        pytest.skip("CUDA host: Triton was imported in compiled mode, so the interpreter tests do not run here "
+                    "(the `gpu` tests run the kernels on CUDA; TRITON_INTERPRET=1 pytest runs these on CPU)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not interpreter_ready():
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run pytest with TRITON_INTERPRET=1")
 
 
-def _inputs(dtype, B=3, H=5, W=7, seed=0):
+@pytest.fixture
+def cuda_triton():
+    """A CUDA device Triton can launch on (compiled mode), else a skip naming why not."""
+    from kernels._triton_util import can_launch, interpreter_on
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the compiled Triton kernels need one (these tests run where a GPU is)")
+    if interpreter_on():
+        pytest.skip("TRITON_INTERPRET=1 is set: Triton cannot launch on CUDA tensors; unset it for the gpu tests")
+    if not can_launch(torch.device("cuda")):
+        pytest.skip("CUDA is present but Triton has no active driver here")
+    return torch.device("cuda")
+
+
+def _inputs(dtype, B=3, H=5, W=7, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(B, len(CM), H, W, generator=g).to(dtype)
-    eps = torch.randn(B, len(CM), H, W, generator=g).to(dtype)
-    sab = torch.rand(B, generator=g)
+    x0 = torch.randn(B, len(CM), H, W, generator=g).to(device, dtype)
+    eps = torch.randn(B, len(CM), H, W, generator=g).to(device, dtype)
+    sab = torch.rand(B, generator=g).to(device)
     return x0, eps, sab, (1 - sab**2).sqrt()
+
+
+def _check_both_against_ref(dtype, hw, pattern, device="cpu", tol=None):
+    """noise_and_mask (value, d mask_embed, d sqrt_ab) and balanced_mse (value, d pred) vs the references."""
+    tol = TOL[dtype] if tol is None else tol
+    cm = CM.to(device)
+    x0, eps, sab, s1 = _inputs(dtype, H=hw[0], W=hw[1], device=device)
+    present = torch.tensor(PRESENT[pattern], dtype=torch.float32, device=device)
+    emb = torch.randn(len(CM), device=device, requires_grad=True)
+    sab = sab.requires_grad_()
+    ref = noise_and_mask_ref(x0, eps, sab, s1, present, emb, cm)
+    out = noise_and_mask_triton(x0, eps, sab, s1, present, emb, cm)
+    assert out.dtype == dtype and out.shape == x0.shape and out.device == x0.device
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    for a, b in zip(torch.autograd.grad(out, (emb, sab), g), torch.autograd.grad(ref, (emb, sab), g)):
+        torch.testing.assert_close(a, b, atol=5e-4 * hw[0] * hw[1] / 35, rtol=tol)
+    pred = x0.detach().clone().requires_grad_()
+    ref = balanced_mse_ref(pred, eps, cm, M)
+    out = balanced_mse_triton(pred, eps, cm, M)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.rand(3, M, device=device)
+    go, = torch.autograd.grad(out, pred, w)
+    gr, = torch.autograd.grad(ref, pred, w)
+    torch.testing.assert_close(go.float(), gr.float(), atol=1e-6, rtol=tol)
 
 
 def test_noise_and_mask_ref_definition():
@@ -143,3 +187,52 @@ def test_triton_rejects_bad_inputs_before_launch(interp):
         balanced_mse_triton(x0, eps.half(), CM, M)
     with pytest.raises(ValueError, match="channel_modality"):
         balanced_mse_triton(x0, eps, CM.float(), M)
+
+
+# Planes larger than the GPU's 1024-wide block (kernels.tl_masked_denoise.block_for(hw, False)):
+# several blocks per plane, the last one ragged (33 x 40 = 1320 px; 64 x 64 = 4096 px, a
+# pretraining tile); and one smaller than a block.
+GPU_HW = [(33, 40), (64, 64), (5, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hw", GPU_HW[:2])
+def test_gpu_block_sizes_interpreted(interp, monkeypatch, dtype, hw):
+    """The GPU's block cap (1024 px, several blocks per plane) under the interpreter."""
+    from kernels import tl_masked_denoise as K
+
+    gpu = K.block_for
+    monkeypatch.setattr(K, "block_for", lambda n, interpret: gpu(n, False))
+    assert gpu(hw[0] * hw[1], False) == 1024 < hw[0] * hw[1]
+    _check_both_against_ref(dtype, hw, "one_masked")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hw", GPU_HW)
+@pytest.mark.parametrize("pattern", list(PRESENT))
+def test_triton_on_cuda_matches_ref(cuda_triton, dtype, hw, pattern):
+    """Compiled kernels on CUDA tensors at the block sizes a GPU runs, forward and backward."""
+    _check_both_against_ref(dtype, hw, pattern, device=cuda_triton)
+
+
+@pytest.mark.gpu
+def test_dispatch_on_cuda_picks_triton(cuda_triton, monkeypatch):
+    import kernels
+    from kernels import dispatch
+
+    monkeypatch.delenv("BDGF_KERNELS", raising=False)
+    monkeypatch.setattr(dispatch, "_broken", set())
+    x0, eps, sab, s1 = _inputs(torch.bfloat16, H=64, W=64, device=cuda_triton)
+    present = torch.tensor(PRESENT["one_masked"], device=cuda_triton)
+    emb = torch.zeros(len(CM), device=cuda_triton, requires_grad=True)
+    cm = CM.to(cuda_triton)
+    assert kernels.backend_for("noise_and_mask", x0, eps, emb) == "triton"
+    assert kernels.backend_for("balanced_mse", x0, eps) == "triton"
+    xt = kernels.noise_and_mask(x0, eps, sab, s1, present, emb, cm)
+    loss = kernels.balanced_mse(xt, eps, cm, M)
+    torch.testing.assert_close(loss, balanced_mse_ref(noise_and_mask_ref(x0, eps, sab, s1, present, emb, cm), eps, cm, M),
+                               atol=2e-2, rtol=2e-2)
+    loss.sum().backward()
+    assert emb.grad is not None and torch.count_nonzero(emb.grad) > 0
+    assert not dispatch._broken

@@ -125,3 +125,21 @@ def test_auto_chunk_size_and_default():
     assert auto_chunk_size(64, 128, 16) == 4 and auto_chunk_size(4, 16, 8) == 32 and auto_chunk_size(512, 256, 16) == 2
     ins = _inputs(2, 40, 3, 2)
     torch.testing.assert_close(selective_scan_chunked(*ins), selective_scan_ref(*ins))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_on_cuda_matches_loop(dtype):
+    """The scan on CUDA tensors (the path the Mamba branch takes on a GPU without mamba_ssm): the
+    chunked scan against the step-by-step loop, both on the GPU, forward and gradients."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: this test runs the scan on a GPU")
+    ins = [t.detach().to("cuda", dtype).requires_grad_() for t in _inputs(4, 121, 32, 16, dtype=torch.float32,
+                                                                             delta_scale=0.1)]
+    ref = selective_scan_ref(*ins)
+    out = selective_scan_chunked(*ins)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    g = torch.randn_like(ref)
+    for name, a, b in zip("u delta A B C D".split(), _grads(out, ins, g), _grads(ref, ins, g)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=10 * tol, atol=10 * tol, msg=f"grad {name}")
