@@ -316,12 +316,15 @@ class Scene:
         self._arrays = {m.name: root["modalities"][m.name] for m in meta.modalities}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> "Scene":
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, store=None) -> "Scene":
+        """Open the store at ``path``; ``store`` (a zarr Store over that path, e.g.
+        :class:`bdgf.data.chunks.CountingStore`) replaces the plain local one."""
         path = Path(path)
         if not path.exists():
             raise StoreError(f"{path}: no such scene store")
         try:
-            root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
+            root = zarr.open_group(str(path) if store is None else store, mode=mode, zarr_format=3,
+                                   use_consolidated=False)
             raw = root.attrs.get("bdgf")
         except Exception as exc:  # zarr raises several types for unreadable metadata
             raise StoreError(f"{path}: not a readable Zarr v3 scene store ({type(exc).__name__}: {exc})") from exc
@@ -426,11 +429,11 @@ class Scene:
         if r1 <= r0 or c1 <= c0:
             raise ValueError(f"window ({row}, {col}, {height}, {width}) lies outside the {h}x{w} grid")
         pads = ((r0 - row, row + height - r1), (c0 - col, col + width - c1))
-        valid = np.asarray(self.root["valid"][r0:r1, c0:c1], bool)
+        valid = np.asarray(self._raw_valid(r0, r1, c0, c1), bool)
         out = {}
-        for name, arr in self._arrays.items():
+        for name in self._arrays:
             mean, std = self._stats[name]
-            block = (np.asarray(arr[:, r0:r1, c0:c1], np.float32) - mean) / std
+            block = (np.asarray(self._raw(name, r0, r1, c0, c1), np.float32) - mean) / std
             block[:, ~valid] = 0.0
             if any(p for pair in pads for p in pair):
                 block = pad_block(block, pads, pad)
@@ -445,8 +448,16 @@ class Scene:
         r0, r1 = max(row, 0), min(row + height, h)
         c0, c1 = max(col, 0), min(col + width, w)
         pads = ((r0 - row, row + height - r1), (c0 - col, col + width - c1))
-        v = np.asarray(self.root["valid"][r0:r1, c0:c1], bool)
+        v = np.asarray(self._raw_valid(r0, r1, c0, c1), bool)
         return pad_block(v[None], pads, pad)[0] if any(p for pair in pads for p in pair) else v
+
+    # the two raw reads behind read_window / read_valid_window (in-grid bounds); a subclass may
+    # serve them from a cache (bdgf.data.chunks.ChunkCachedScene) -- normalisation stays here
+    def _raw(self, name: str, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return self._arrays[name][:, r0:r1, c0:c1]
+
+    def _raw_valid(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return self.root["valid"][r0:r1, c0:c1]
 
     def summary(self) -> str:
         """Human-readable description (what ``bdgf info`` prints)."""

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bdgf.data.chunks import (CountingStore, cache_budget, chunk_bytes, chunk_shape, open_scene, scene_bytes,
+                              tile_chunk_keys)
 from bdgf.data.scene import Scene
 from bdgf.errors import InputError
 from bdgf.tiler import cover_origins
@@ -43,13 +45,18 @@ class TileDataset(Dataset):
     "valid": (T, T) bool, True where every modality has data}.
 
     Only tiles with at least ``min_valid_fraction`` valid pixels are items (``origins``,
-    ``valid_shares``). The store is opened lazily in each process (the dataset pickles as a path),
-    and with ``cache=True`` (the default for grids under ``cache_pixels``) the normalised scene is
-    read once per process; otherwise each tile is read from its Zarr chunks.
+    ``valid_shares``; ``chunk_keys``: the store chunk of each tile's top-left pixel, for
+    :func:`bdgf.data.chunks.chunk_shard`). The store is opened lazily in each process (the dataset
+    pickles as a path). Memory per process is bounded by ``cache_bytes``
+    (:func:`bdgf.data.chunks.cache_budget`: 512 MiB unless ``$BDGF_CACHE_BYTES`` says otherwise):
+    with ``cache=True`` (the default when the normalised scene, C × H × W × 4 bytes, fits the
+    budget) the scene is read once per process; otherwise tiles are assembled from whole chunks
+    kept in an LRU of at most ``cache_bytes`` (``cache_bytes=0``: no cache, every tile reads its
+    chunks from the store). ``read_stats()`` counts the chunk reads of this process.
     """
 
     def __init__(self, store: str | Path, tile_size: int, stride: int | None = None,
-                 cache: bool | None = None, cache_pixels: int = 4096 * 4096, min_valid_fraction: float = 0.0):
+                 cache: bool | None = None, cache_bytes: int | None = None, min_valid_fraction: float = 0.0):
         if not 0.0 <= min_valid_fraction <= 1.0:
             raise ValueError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}")
         self.store = str(store)
@@ -66,17 +73,32 @@ class TileDataset(Dataset):
         self.skipped = int((~keep).sum())
         self.min_valid_fraction = min_valid_fraction
         self.channels = scene.total_bands
-        self.cache = (scene.shape[0] * scene.shape[1] <= cache_pixels) if cache is None else cache
+        self.chunk = chunk_shape(scene)
+        self.chunk_keys = tile_chunk_keys(self.origins, self.chunk, scene.shape[1])
+        self.chunk_bytes = chunk_bytes(scene)
+        self.cache_bytes = cache_budget(cache_bytes)
+        self.scene_bytes = scene_bytes(scene)
+        self.cache = (self.scene_bytes <= self.cache_bytes) if cache is None else cache
         self._scene: Scene | None = None
+        self._counter: CountingStore | None = None
         self._full: np.ndarray | None = None
         self._full_valid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.origins)
 
+    @property
+    def window(self) -> int:
+        """Chunks the LRU holds with the neighbours their straddling tiles read (at least 1)."""
+        return max(1, self.cache_bytes // max(4 * self.chunk_bytes, 1))
+
+    def read_stats(self) -> dict:
+        """{"chunk_reads", "bytes"} fetched from the store by this process so far."""
+        return self._counter.stats() if self._counter is not None else {"chunk_reads": 0, "bytes": 0}
+
     def _read(self, r: int, c: int) -> tuple[np.ndarray, np.ndarray]:
         if self._scene is None:
-            self._scene = Scene.open(self.store)
+            self._scene, self._counter = open_scene(self.store, chunk_cache_bytes=0 if self.cache else self.cache_bytes)
         t = self.tile_size
         h, w = self._scene.shape
         if self.cache and h >= t and w >= t:
@@ -95,6 +117,7 @@ class TileDataset(Dataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_scene"] = None
+        state["_counter"] = None
         state["_full"] = None
         state["_full_valid"] = None
         return state

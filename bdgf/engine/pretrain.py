@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Subset
 
 from bdgf.config import PretrainConfig, RunConfig
-from bdgf.data.patches import shard_indices
+from bdgf.data.chunks import ChunkWindowSampler, chunk_shard, fallback_shard
 from bdgf.data.stores import open_stores
 from bdgf.data.tiles import TileDataset, random_augment, random_augment_with_valid
 from bdgf.diffusion.masking import AdaptiveModalityMasking, MaskingConfig
@@ -142,26 +142,49 @@ def tile_batches(stores: Sequence[str], cfg: PretrainConfig, *, micro_batch: int
                  start: int = 0) -> tuple[DataLoader, torch.Generator]:
     """(loader of ``steps - start`` random tile batches for this rank, augmentation generator).
 
-    Tiles are sampled with replacement from this rank's shard of every store's tiles; the
-    streams are a pure function of (seed, rank, start step), so a resumed run draws fresh tiles
-    deterministically. One process (rank 0 of 1) samples the whole tile set. Batches are
-    {"tile" (B, C, T, T), "valid" (B, T, T)}; tiles under ``cfg.min_valid_fraction`` valid are never drawn.
+    With ``world > 1`` each rank draws only tiles of the store chunks it owns
+    (:func:`bdgf.data.chunks.chunk_shard`: chunks dealt to ranks, deterministic in seed and world;
+    tile-level shards when there are fewer chunks than ranks). Scenes that fit the cache budget
+    are sampled uniformly with replacement; larger ones chunk-window by chunk-window
+    (:class:`~bdgf.data.chunks.ChunkWindowSampler`) so each chunk is read about once per pass.
+    The streams are a pure function of (seed, rank, start step), so a resumed run draws fresh
+    tiles deterministically. Batches are {"tile" (B, C, T, T), "valid" (B, T, T)}; tiles under
+    ``cfg.min_valid_fraction`` valid are never drawn.
     """
     datasets = [TileDataset(s, cfg.tile_size, min_valid_fraction=cfg.min_valid_fraction) for s in stores]
     data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    groups = None  # per owned chunk, positions in `data` of its tiles
     if world > 1:
-        data = Subset(data, shard_indices(len(data), rank, world, seed=cfg.seed, shuffle=True).tolist())
+        shard = chunk_shard([d.chunk_keys for d in datasets], rank, world, seed=cfg.seed)
+        if shard is None:
+            data = Subset(data, fallback_shard(len(data), rank, world, cfg.seed).tolist())
+        else:
+            indices, owned = shard
+            data = Subset(data, indices.tolist())
+            groups = [indices.searchsorted(g) for g in owned]
     base = cfg.seed + start + 1_000_003 * rank
-    sampler = RandomSampler(data, replacement=True, num_samples=max(cfg.steps - start, 1) * micro_batch,
-                            generator=torch.Generator().manual_seed(base))
+    num_samples = max(cfg.steps - start, 1) * micro_batch
+    if all(d.cache for d in datasets):
+        sampler = RandomSampler(data, replacement=True, num_samples=num_samples,
+                                generator=torch.Generator().manual_seed(base))
+    else:
+        if groups is None:  # one process: every chunk; fallback shards: one group of the shard
+            groups = chunk_shard([d.chunk_keys for d in datasets], 0, 1)[1] if world == 1 else [range(len(data))]
+        window = min(d.window for d in datasets)
+        sampler = ChunkWindowSampler(groups, window, num_samples, torch.Generator().manual_seed(base))
     return DataLoader(data, batch_size=micro_batch, sampler=sampler, drop_last=True), torch.Generator().manual_seed(base)
 
 
 def tile_loader(store: str | Path, cfg: PretrainConfig, num_samples: int, seed: int) -> DataLoader:
     """Random tiles of one store (for tests and benchmarks that drive ``pretrain_loop`` by hand):
-    batches {"tile" (B, C, T, T), "valid" (B, T, T)}, tiles under ``cfg.min_valid_fraction`` valid skipped."""
+    batches {"tile" (B, C, T, T), "valid" (B, T, T)}, tiles under ``cfg.min_valid_fraction`` valid
+    skipped; a scene over the cache budget is drawn chunk-window by chunk-window (as ``tile_batches``)."""
     data = TileDataset(store, cfg.tile_size, min_valid_fraction=cfg.min_valid_fraction)
-    sampler = RandomSampler(data, replacement=True, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    if data.cache:
+        sampler = RandomSampler(data, replacement=True, num_samples=num_samples, generator=gen)
+    else:
+        sampler = ChunkWindowSampler(chunk_shard([data.chunk_keys], 0, 1)[1], data.window, num_samples, gen)
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
 
 

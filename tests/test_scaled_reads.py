@@ -1,0 +1,196 @@
+"""Reads that scale (issue 11): a memory budget in bytes, an LRU chunk cache that changes no value,
+chunk-aligned shards, and a bounded number of chunk reads per tile, counted at the store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bdgf.config import RunConfig
+from bdgf.data.chunks import (ChunkCachedScene, ChunkWindowSampler, CountingStore, cache_budget, chunk_shard,
+                              open_scene, scene_bytes)
+from bdgf.data.scene import ModalityData, Scene, SceneData, write_scene
+from bdgf.data.tiles import TileDataset
+from bdgf.engine.pretrain import tile_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHUNK, TILE = 32, 16
+
+
+def write_store(path, h: int, w: int, bands: int = 6, seed: int = 0, chunk: int = CHUNK) -> str:
+    """An (h, w) scene of ``bands`` HSI bands + 1 LiDAR band with nodata patches, chunks (C, chunk, chunk)."""
+    rng = np.random.default_rng(seed)
+    hsi = rng.normal(3.0, 2.0, (bands, h, w)).astype(np.float32)
+    lidar = rng.normal(10.0, 5.0, (1, h, w)).astype(np.float32)
+    hsi[min(2, bands - 1), 5:14, 7:30] = np.nan
+    hsi[0, :24, w - 40 :] = np.nan  # a corner with whole tiles of nodata
+    lidar[0, h - 9 :, : w // 3] = np.nan
+    labels = np.zeros((h, w), np.uint16)
+    labels[::7, ::5] = 1
+    labels[3::7, ::5] = 2
+    scene = SceneData("reads", {"hsi": ModalityData(hsi, kind="hsi"), "lidar": ModalityData(lidar, kind="lidar")},
+                      {"train": labels}, ["a", "b"])
+    write_scene(scene, path, chunk=chunk)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reads")
+    return write_store(d / "a.zarr", 100, 140, seed=0), write_store(d / "b.zarr", 70, 90, seed=1)
+
+
+def windows(h: int, w: int, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        hh, ww = (int(v) for v in rng.integers(11, 70, 2))  # > 10: every window overlaps the grid
+        yield int(rng.integers(-10, h - 1)), int(rng.integers(-10, w - 1)), hh, ww
+
+
+@pytest.mark.parametrize("budget", [1, 40_000, 10**9])  # one chunk at a time, a few, everything
+def test_chunk_cache_returns_exactly_what_the_plain_reader_returns(stores, budget):
+    plain = Scene.open(stores[0])
+    cached, counter = open_scene(stores[0], chunk_cache_bytes=budget)
+    assert isinstance(cached, ChunkCachedScene)
+    for r, c, hh, ww in windows(*plain.shape, 60, seed=budget % 97):
+        for pad in ("reflect", "constant"):
+            want, got = plain.read_window(r, c, hh, ww, pad=pad), cached.read_window(r, c, hh, ww, pad=pad)
+            assert want.keys() == got.keys()
+            for name in want:
+                assert got[name].dtype == want[name].dtype == np.float32
+                np.testing.assert_array_equal(got[name], want[name])
+            np.testing.assert_array_equal(cached.read_valid_window(r, c, hh, ww, pad=pad),
+                                          plain.read_valid_window(r, c, hh, ww, pad=pad))
+    assert counter.reads > 0
+    assert cached.cached_bytes() <= max(budget, 6 * CHUNK * CHUNK * 4) + 16 * CHUNK * CHUNK  # one chunk at least
+
+
+def test_lazy_tiles_equal_whole_scene_tiles(stores):
+    whole = TileDataset(stores[0], TILE, cache=True, min_valid_fraction=0.3)
+    lazy = TileDataset(stores[0], TILE, cache_bytes=20_000, min_valid_fraction=0.3)
+    assert whole.cache and not lazy.cache and len(whole) == len(lazy) and lazy.skipped > 0
+    for i in range(len(lazy)):
+        a, b = whole[i], lazy[i]
+        assert set(b) == {"tile", "valid"} and b["tile"].shape == (7, TILE, TILE) and b["valid"].shape == (TILE, TILE)
+        assert b["tile"].dtype == a["tile"].dtype and b["valid"].dtype == a["valid"].dtype
+        assert bool((a["tile"] == b["tile"]).all()) and bool((a["valid"] == b["valid"]).all())
+
+
+def test_the_whole_scene_cache_follows_a_byte_budget_not_a_pixel_count(tmp_path, monkeypatch):
+    few = write_store(tmp_path / "few.zarr", 40, 40, bands=2)
+    many = write_store(tmp_path / "many.zarr", 40, 40, bands=60)
+    budget = 40 * 40 * (4 * 10 + 1)  # fits 9 bands + LiDAR, not 60 + 1
+    assert scene_bytes(Scene.open(few)) == 40 * 40 * (4 * 3 + 1)
+    assert TileDataset(few, TILE, cache_bytes=budget).cache
+    assert not TileDataset(many, TILE, cache_bytes=budget).cache
+    assert TileDataset(many, TILE).cache  # 40 x 40 x 61 bands: far under the 512 MiB default
+    monkeypatch.setenv("BDGF_CACHE_BYTES", str(budget))
+    assert cache_budget() == budget
+    assert TileDataset(few, TILE).cache and not TileDataset(many, TILE).cache
+
+
+def test_a_scene_over_the_budget_is_read_lazily_with_bounded_chunk_reads(stores):
+    data = TileDataset(stores[0], TILE, cache_bytes=4 * 7 * CHUNK * CHUNK * 4)  # 4 chunks of every band
+    assert not data.cache and data.window == 1
+    c = data.chunk_keys
+    chunks_in_store = len(np.unique(c))  # 4 x 5 chunks of (7, 32, 32) per modality...
+    arrays = 3  # hsi, lidar, valid
+    order = list(ChunkWindowSampler(chunk_shard([c], 0, 1)[1], data.window, len(data), _gen(0)))
+    assert sorted(order) == list(range(len(data)))  # one pass: every tile once
+    before = 0
+    for i in order:
+        data[i]
+        reads = data.read_stats()["chunk_reads"]
+        assert reads - before <= 4 * arrays  # a tile touches at most 4 chunks of each array
+        before = reads
+    assert data._full is None  # never read whole
+    # chunk by chunk: each chunk object read about once (its own window and its up/left neighbours')
+    counts = np.array(list(data._counter.by_key.values()))
+    assert counts.max() <= 4 and data.read_stats()["chunk_reads"] <= 4 * arrays * chunks_in_store
+    # the same tiles without the cache read their chunks again and again
+    bare = TileDataset(stores[0], TILE, cache=False, cache_bytes=0)
+    for i in order:
+        bare[i]
+    assert bare.read_stats()["chunk_reads"] >= 3 * data.read_stats()["chunk_reads"]
+
+
+def _gen(seed):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_chunk_shards_are_disjoint_in_chunks_and_cover_every_tile_once(stores, world):
+    datasets = [TileDataset(s, TILE, min_valid_fraction=0.3) for s in stores]
+    keys = [d.chunk_keys for d in datasets]
+    owner_chunks, seen = [], []
+    for rank in range(world):
+        indices, groups = chunk_shard(keys, rank, world, seed=4)
+        assert np.array_equal(np.sort(np.concatenate(groups)), indices)
+        seen.append(indices)
+        # chunk identity across stores: (store, chunk of the top-left pixel)
+        store_of = np.searchsorted(np.cumsum([len(k) for k in keys]), indices, side="right")
+        flat = np.concatenate(keys)
+        owner_chunks.append({(int(s), int(flat[i])) for s, i in zip(store_of, indices)})
+        for g in groups:  # a group is one chunk of one store
+            assert len({(int(s), int(flat[i])) for s, i in zip(np.searchsorted(np.cumsum([len(k) for k in keys]), g,
+                                                                              side="right"), g)}) == 1
+    allidx = np.concatenate(seen)
+    assert sorted(allidx.tolist()) == list(range(sum(len(k) for k in keys)))  # every tile exactly once
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not owner_chunks[a] & owner_chunks[b]
+    sizes = [len(s) for s in seen]
+    assert max(sizes) - min(sizes) <= max(len(g) for r in range(world) for g in chunk_shard(keys, r, world, 4)[1])
+    again = [chunk_shard(keys, r, world, seed=4)[0] for r in range(world)]
+    assert all(np.array_equal(x, y) for x, y in zip(seen, again))  # deterministic per seed
+    other = [chunk_shard(keys, r, world, seed=5)[0] for r in range(world)]
+    assert any(not np.array_equal(x, y) for x, y in zip(seen, other)) or world == 1
+
+
+def test_fewer_chunks_than_ranks_falls_back_to_tile_shards(tmp_path):
+    small = write_store(tmp_path / "s.zarr", 30, 30)  # one chunk
+    cfg = RunConfig().with_overrides({"pretrain.tile_size": TILE, "pretrain.steps": 3}).pretrain
+    keys = [TileDataset(small, TILE, min_valid_fraction=cfg.min_valid_fraction).chunk_keys]
+    assert chunk_shard(keys, 0, 2) is None
+    shards = [tile_batches([small], cfg, micro_batch=2, rank=r, world=2)[0].dataset.indices for r in range(2)]
+    assert set(shards[0]) | set(shards[1]) == set(range(len(keys[0])))  # every tile, in tile-level shards
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+
+
+@pytest.mark.parametrize("budget", [None, "small"])
+def test_tile_batches_draws_only_from_the_ranks_own_chunks(stores, budget, monkeypatch):
+    if budget == "small":
+        monkeypatch.setenv("BDGF_CACHE_BYTES", str(4 * 7 * CHUNK * CHUNK * 4))
+    cfg = RunConfig().with_overrides({"pretrain.tile_size": TILE, "pretrain.steps": 6, "pretrain.seed": 3}).pretrain
+    datasets = [TileDataset(s, TILE, min_valid_fraction=cfg.min_valid_fraction) for s in stores]
+    keys = [d.chunk_keys for d in datasets]
+    origins = np.concatenate([d.origins for d in datasets])
+    for rank in range(2):
+        loader, _ = tile_batches(list(stores), cfg, micro_batch=4, rank=rank, world=2)
+        mine = chunk_shard(keys, rank, 2, seed=3)[0]
+        assert loader.dataset.indices == mine.tolist()
+        drawn = [loader.dataset.indices[p] for p in loader.sampler]
+        assert len(drawn) == 6 * 4 and set(drawn) <= set(mine.tolist())
+        batch = next(iter(tile_batches(list(stores), cfg, micro_batch=4, rank=rank, world=2)[0]))  # a fresh stream
+        assert batch["tile"].shape == (4, 7, TILE, TILE) and batch["valid"].shape == (4, TILE, TILE)
+        assert (budget == "small") == isinstance(loader.sampler, ChunkWindowSampler)
+        # the first batch really holds the first drawn tiles
+        first = drawn[0]
+        store = 0 if first < len(datasets[0]) else 1
+        local = first if store == 0 else first - len(datasets[0])
+        r, c = origins[first]
+        want = Scene.open(stores[store]).read_window(int(r), int(c), TILE, TILE, concat=True)
+        np.testing.assert_array_equal(batch["tile"][0].numpy(), want)
+        assert (datasets[store].origins[local] == origins[first]).all()
+
+
+def test_counting_store_counts_chunk_objects_not_metadata(stores):
+    scene, counter = open_scene(stores[1])
+    assert isinstance(counter, CountingStore) and counter.reads == 0
+    scene.read_window(0, 0, CHUNK, CHUNK)  # one chunk of hsi, lidar and valid
+    assert counter.reads == 3 and counter.bytes > 0
+    scene.read_window(CHUNK - 1, CHUNK - 1, 2, 2)  # a 2x2 window on a 4-chunk corner
+    assert counter.reads == 3 + 12
