@@ -22,8 +22,8 @@ features of every pixel a patch reads (the tile and a ring of r around it) are e
 cached ones (``bdgf.diffusion.features``: tile invariance), and the classifier runs densely over
 the tile (``BDGFClassifier.predict_dense``), equal to running it on each pixel's patch.
 
-Output: probabilities (B, K, T, T); a nodata pixel gets all zeros (zero confidence), which
-:func:`class_map` turns into class 0 = nodata.
+Output: probabilities (B, K, T, T), float32 whatever autocast the graph runs under; a nodata
+pixel gets all zeros (zero confidence), which :func:`class_map` turns into class 0 = nodata.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from kernels.dispatch import noise_and_mask
 
 
 class TileClassifier(nn.Module):
-    """forward(window (B, C, S, S), noise (B, n, C, S, S), present (B, M) | None) -> probs (B, K, T, T)."""
+    """forward(window (B, C, S, S), noise (B, n, C, S, S), present (B, M) | None) -> probs (B, K, T, T)
+    float32."""
 
     def __init__(self, denoiser: DenoiserUNet, schedule: NoiseSchedule, classifier: BDGFClassifier,
                  spec: FeatureSpec, channel_modality):
@@ -86,7 +87,7 @@ class TileClassifier(nn.Module):
             Fc = f.shape[1]
             f = f.reshape(B, self.n_t, self.draws, Fc, S, S).mean(2)  # average the draws
             out[name] = f.reshape(B, self.n_t * Fc, S, S) if self.reduce == "concat" else f.mean(1)
-        return out
+        return {name: f.float() for name, f in out.items()}  # float32 under autocast too
 
     def forward(self, window: torch.Tensor, noise: torch.Tensor, present: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -100,6 +101,7 @@ class TileClassifier(nn.Module):
         region = crop(classifier_input(clean, valid, present, self.channel_modality), self.h - self.r, size)
         probs = self.classifier.predict_dense(
             region, *(crop(feats[name], self.h - self.r, size) for name in ("low", "mid", "high")))
+        probs = probs.float()  # float32 whatever the autocast (bf16 would not survive .numpy())
         return probs * crop(valid, self.h, self.T)[:, None].to(probs.dtype)  # (B, K, T, T), 0 at nodata
 
 

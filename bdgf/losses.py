@@ -27,6 +27,10 @@ Notation, per sample i (every term is then averaged over the batch):
 Pairs b < b' follow the order of the branches given at construction.
 
 With a single branch there are no peers: the loss is CE only, and kl/ent/sim are reported as 0.
+
+Precision: the loss is computed in float32 (float64 inputs stay float64) whatever the forward ran
+in: bf16/fp16 logits and z from an autocast forward are upcast, and autocast is off inside (the
+projectors g_b run in float32 too).
 """
 from __future__ import annotations
 
@@ -55,6 +59,11 @@ class MutualLearningConfig:
             raise InputError(f"tau must be > 0, got {self.tau}")
         if self.kl_direction not in ("branch_first", "target_first"):
             raise InputError(f"kl_direction must be 'branch_first' or 'target_first', got {self.kl_direction!r}")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32; float32/float64 as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _projector(d_in: int, cfg: MutualLearningConfig) -> nn.Module:
@@ -86,6 +95,12 @@ class MutualLearningLoss(nn.Module):
             raise InputError(f"mutual-learning loss: no logits/z for branches {missing}")
         if target.dim() != 1 or any(logits[b].shape[0] != target.shape[0] for b in names):
             raise InputError(f"target must be (B,) matching the logits' batch, got {tuple(target.shape)}")
+        with torch.autocast(logits[names[0]].device.type, enabled=False):
+            return self._loss({b: _upcast(logits[b]) for b in names}, {b: _upcast(z[b]) for b in names}, target)
+
+    def _loss(self, logits: dict[str, torch.Tensor], z: dict[str, torch.Tensor],
+              target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, names = self.config, self.branches
         terms: dict[str, torch.Tensor] = {}
         zero = logits[names[0]].new_zeros(())
 

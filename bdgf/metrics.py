@@ -37,7 +37,10 @@ __all__ = [
 def _as_labels(y, what: str) -> np.ndarray:
     """Any array-like of integer class indices -> (N,) int64 numpy array."""
     if hasattr(y, "detach"):  # torch.Tensor, without importing torch
-        y = y.detach().cpu().numpy()
+        y = y.detach().cpu()
+        if str(y.dtype) in ("torch.bfloat16", "torch.float16"):  # numpy has no bfloat16; exact in float32
+            y = y.float()
+        y = y.numpy()
     a = np.asarray(y)
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise InputError(f"{what}: expected integer class indices, got dtype {a.dtype}")

@@ -126,7 +126,8 @@ class Pipeline:
                          absent: Sequence[str] = ()) -> np.ndarray:
         """windows (B, C, S, S) normalised (NaN = nodata), ``origins`` their top-left corners in
         the scene's pixel grid (on the tile grid) -> probabilities (B, K, T, T) of the windows'
-        centre tiles (all 0 at nodata pixels). ``absent``: modalities to classify without."""
+        centre tiles (all 0 at nodata pixels), float32 whatever autocast it runs under. ``absent``:
+        modalities to classify without."""
         w = torch.as_tensor(np.asarray(windows, np.float32)).to(self.device)
         S = self.spec.tile_size + 2 * self.spec.halo
         if w.dim() != 4 or w.shape[-2:] != (S, S):
@@ -136,7 +137,7 @@ class Pipeline:
             keep = present[0].index_select(0, self.graph.channel_modality) > 0
             w = torch.where(keep[None, :, None, None], w, torch.zeros_like(w))
         noise = torch.from_numpy(tile_noise(self.spec, w.shape[1], [tuple(map(int, o)) for o in origins], S))
-        return self.graph(w, noise.to(self.device), present).cpu().numpy()
+        return self.graph(w, noise.to(self.device), present).float().cpu().numpy()  # float32 under autocast too
 
     def classify_tiles(self, scene, origins: Sequence[Sequence[int]], absent: Sequence[str] = ()) -> np.ndarray:
         """Probabilities (B, K, T, T) of the given tiles of a scene store (read and normalised by

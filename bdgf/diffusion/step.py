@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from bdgf.diffusion.loss import balanced_loss, concat_mse, per_modality_mse
+from bdgf.diffusion.loss import balanced_loss, concat_mse, fp32, per_modality_mse
 from bdgf.diffusion.masking import AdaptiveModalityMasking
 from bdgf.diffusion.schedules import NoiseSchedule
 from kernels.dispatch import noise_and_mask
@@ -77,11 +77,12 @@ def paired_log_ratios(
                                        None if valid is None else twice(valid)).float()  # (2P, M)
     finally:
         model.train(was_training)
-    others = 1.0 - masked  # (N, M): the modalities other than the masked one
-    loss_masked = (per_mod[:N] * others).sum(1) / (M - 1)  # (N,) L_{¬m|m masked}
-    loss_none = (per_mod[N:] * others).sum(1) / (M - 1)  # (N,) L_{¬m|none}
-    log_ratio = loss_masked.clamp_min(1e-12).log() - loss_none.clamp_min(1e-12).log()  # (N,)
-    return masked * log_ratio[:, None], masked
+    with fp32(device):  # the masking's statistics in float32 whatever the forward ran in
+        others = 1.0 - masked  # (N, M): the modalities other than the masked one
+        loss_masked = (per_mod[:N] * others).sum(1) / (M - 1)  # (N,) L_{¬m|m masked}
+        loss_none = (per_mod[N:] * others).sum(1) / (M - 1)  # (N,) L_{¬m|none}
+        log_ratio = loss_masked.clamp_min(1e-12).log() - loss_none.clamp_min(1e-12).log()  # (N,)
+        return masked * log_ratio[:, None], masked
 
 
 def diffusion_training_step(
@@ -107,6 +108,10 @@ def diffusion_training_step(
     valid (B, S, S) bool/0-1 or None: valid pixels. Invalid pixels are set to 0 in x0 (the band
     mean, as the stores already have them; NaN there is fine too) and left out of every loss
     (see ``bdgf.diffusion.loss``).
+
+    Precision: the forward may run under bf16 autocast (DeepSpeed ``torch_autocast`` or a caller's
+    ``torch.autocast``); the losses, the logs and the masking's paired statistics are float32
+    whatever it returns (x0_hat is upcast in ``bdgf.diffusion.loss``).
 
     The training loss covers the batch with the sampled presence flags. Separately, N rows
     (``masking.pair_plan``) are denoised twice without gradient (:func:`paired_log_ratios`) and
@@ -150,7 +155,8 @@ def diffusion_training_step(
     per_mod = per_modality_mse(x0_hat, x0, channel_modality, M, valid)  # (B, M)
     loss = balanced_loss(per_mod, weights) if loss_kind == "balanced" else concat_mse(x0_hat, x0, valid)
 
-    masking.update(log_ratio, pair_masked)
+    with fp32(device):
+        masking.update(log_ratio.float(), pair_masked.float())
 
     logs: dict[str, float] = {"loss": float(loss.detach()), "t_mean": float(t.float().mean())}
     mean_mod = per_mod.detach().float().mean(0).cpu()

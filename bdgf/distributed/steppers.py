@@ -61,10 +61,13 @@ def load_ds_template(stage: str, path: str | Path | None = None) -> dict:
 
 
 def resolve_ds_config(template: dict, *, micro_batch: int, world_size: int, grad_clip: float | None,
-                      cuda: bool, where: str = "DeepSpeed config") -> dict:
+                      cuda: bool | None = None, where: str = "DeepSpeed config") -> dict:
     """Fill the "auto" entries and check train_batch_size = micro × world_size × accumulation.
 
     micro_batch (the run config's batch_size) is per worker; "auto" entries are derived from it.
+    ``bf16.enabled`` is checked (true, false or "auto") but left as written: precision depends on
+    the device of the worker, not of the driver, and :func:`make_engine` settles it there
+    (:func:`resolve_precision`). ``cuda`` is accepted for older callers and not used.
     """
     cfg = copy.deepcopy(template)
     tbs = cfg.get("train_batch_size", "auto")
@@ -100,15 +103,61 @@ def resolve_ds_config(template: dict, *, micro_batch: int, world_size: int, grad
             f"{where}: zero_optimization.stage {stage} is not supported (0, 1 or 2: the models fit one "
             f"device; stage 3 would need gathered weights for the plain checkpoint)")
     bf16 = cfg.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        # "auto": bf16 autocast where the GPU has it (inputs stay fp32, weights fp32 masters);
-        # fp32 on CPU. An explicit {"enabled": true} is DeepSpeed's bf16 weights as written.
-        bf16["enabled"] = False
-        if cuda and torch.cuda.is_bf16_supported():
-            cfg.setdefault("torch_autocast", {"enabled": True, "dtype": "bfloat16"})
+    if not isinstance(bf16, dict):
+        raise DistributedConfigError(f"{where}: bf16 must be an object like {{\"enabled\": \"auto\"}}, got {bf16!r}")
+    bf16.setdefault("enabled", "auto")
+    if bf16["enabled"] not in (True, False, "auto"):
+        raise DistributedConfigError(f"{where}: bf16.enabled must be true, false or \"auto\", got {bf16['enabled']!r}")
     if stage > 0:
         cfg.setdefault("zero_allow_untested_optimizer", True)  # a plain torch AdamW (no JIT-built op)
     return cfg
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 autocast is worth it on ``device``: a CUDA device with native bf16 (Ampere and
+    later). CPUs can run it (see ``resolve_precision``) but only when asked for."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def resolve_precision(ds_config: dict, device: torch.device | str) -> dict:
+    """``ds_config`` with its precision settled for ``device`` (the worker's own device).
+
+    ``bf16.enabled``:
+      "auto"  bf16 autocast where the device has native bf16 (CUDA, compute capability >= 8),
+              else fp32 (every CPU, older GPUs);
+      true    bf16 autocast on any device, CPU included (torch's CPU autocast);
+      false   fp32.
+    bf16 here is autocast (DeepSpeed's ``torch_autocast`` section: the engine's forward runs under
+    ``torch.autocast(dtype=bfloat16)``, weights and optimiser stay fp32, and the losses are
+    computed in fp32 from its bf16 outputs), never DeepSpeed's bf16 weights: those need bf16
+    inputs, and the loops feed fp32 tensors (``F.conv2d`` refuses the mix). The ``bf16`` section
+    handed to DeepSpeed is therefore always disabled. An explicit ``torch_autocast`` section is
+    kept as written.
+    """
+    cfg = copy.deepcopy(ds_config)
+    bf16 = cfg.get("bf16")
+    bf16 = dict(bf16) if isinstance(bf16, dict) else {"enabled": "auto"}
+    want = bf16.get("enabled", "auto")
+    if want not in (True, False, "auto"):
+        raise DistributedConfigError(f"bf16.enabled must be true, false or \"auto\", got {want!r}")
+    use = bf16_supported(device) if want == "auto" else bool(want)
+    cfg["bf16"] = {**bf16, "enabled": False}
+    if use:
+        cfg.setdefault("torch_autocast", {"enabled": True, "dtype": "bfloat16"})
+    return cfg
+
+
+def autocast_dtype(ds_config: dict) -> torch.dtype | None:
+    """The autocast dtype a resolved config runs the forward in (None: fp32)."""
+    ta = ds_config.get("torch_autocast") or {}
+    if not ta.get("enabled", False):
+        return None
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16}.get(str(ta.get("dtype", "bfloat16")), torch.bfloat16)
 
 
 class DeepSpeedStepper:
@@ -169,10 +218,14 @@ def make_engine(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
     if kind == "deepspeed":
         import deepspeed
 
-        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
+        cfg = resolve_precision(ds_config, device)
+        log.info("precision: %s on %s", autocast_dtype(cfg) or torch.float32, device)
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
         return engine, DeepSpeedStepper(engine, optimizer)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if autocast_dtype(resolve_precision(ds_config, device)) is not None:
+        log.warning("precision: the DDP fallback runs fp32 (bf16 autocast is a DeepSpeed setting)")
     # find_unused_parameters: the mutual-learning projectors of a single-branch ablation get no gradient.
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     return ddp, DDPStepper(ddp, optimizer, ds_config.get("gradient_clipping") or None)
