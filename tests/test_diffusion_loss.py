@@ -106,3 +106,31 @@ def test_concat_mse_with_valid_averages_rows_over_their_valid_pixels():
     assert concat_mse(pred, target, torch.ones(3, 4, 4)).item() == pytest.approx(concat_mse(pred, target).item(),
                                                                                   rel=1e-6)
     assert valid_row_scale(valid).tolist() == pytest.approx([1.0, 16 / 5, 0.0])
+
+
+def test_bf16_prediction_against_fp32_target_is_computed_in_float32():
+    """Under bf16 autocast the denoiser returns bf16 and the target stays float32: the losses take
+    the pair (no dtype error), compute in float32, and pass the gradient back to the bf16 output."""
+    pred, target = _pair(0.5, 2.0)  # exact in bf16
+    pred = pred.bfloat16().requires_grad_(True)
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    valid[1, :2] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_mod = per_modality_mse(pred, target, CHANNEL_MODALITY, 2)
+        per_mod_v = per_modality_mse(pred, target, CHANNEL_MODALITY, 2, valid)
+        concat = concat_mse(pred, target, valid)
+        loss = balanced_loss(per_mod)
+    assert per_mod.dtype == per_mod_v.dtype == concat.dtype == loss.dtype == torch.float32
+    torch.testing.assert_close(per_mod, torch.tensor([[0.25, 4.0], [0.25, 4.0]]))
+    torch.testing.assert_close(per_mod_v, per_mod)  # same error on every pixel: the valid mean is the same
+    assert loss.item() == pytest.approx((0.25 + 4.0) / 2)
+    assert concat.item() == pytest.approx((HSI * 0.25 + 4.0) / (HSI + 1))
+    loss.backward()
+    assert pred.grad is not None and pred.grad.dtype == torch.bfloat16 and bool(pred.grad.abs().sum() > 0)
+
+
+def test_float64_stays_float64():
+    pred, target = _pair(0.5, 2.0)
+    per_mod = per_modality_mse(pred.double(), target.double(), CHANNEL_MODALITY, 2)
+    assert per_mod.dtype == torch.float64 and balanced_loss(per_mod).dtype == torch.float64
+    assert concat_mse(pred.double(), target.double()).dtype == torch.float64

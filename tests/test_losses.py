@@ -117,3 +117,30 @@ def test_projectors_get_gradients_and_bad_inputs_raise():
         crit({"a": logits["a"]}, z, y)
     with pytest.raises(InputError):
         MutualLearningConfig(kl_direction="sideways")
+
+
+def test_bf16_logits_under_autocast_give_the_fp32_loss_and_gradients():
+    """An autocast forward hands the loss bf16 logits and z: the loss is the float32 one of those
+    values (projectors in float32 too), and the gradient reaches the bf16 logits."""
+    cfg = MutualLearningConfig(lambda_kl=0.7, tau=TAU, lambda_ent=0.3, lambda_sim=0.2, proj_dim=2, proj_hidden=0)
+    crit = make(cfg)
+    logits, z, y = inputs()
+    half = {b: v.detach().bfloat16().requires_grad_(True) for b, v in logits.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = crit(half, {b: v.bfloat16() for b, v in z.items()}, y)
+    want, want_terms = crit({b: v.detach().float() for b, v in half.items()}, {b: v.bfloat16().float() for b, v in z.items()}, y)
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    for k in ("ce", "kl", "ent", "sim"):
+        assert terms[k].item() == pytest.approx(want_terms[k].item(), rel=1e-6, abs=1e-7)
+    loss.backward()
+    assert all(v.grad is not None and v.grad.dtype == torch.bfloat16 and bool(v.grad.abs().sum() > 0)
+               for v in half.values())
+
+
+def test_float64_logits_stay_float64():
+    cfg = MutualLearningConfig(proj_dim=2, proj_hidden=0)
+    crit = make(cfg).double()
+    logits, z, y = inputs()
+    loss, _ = crit({b: v.double() for b, v in logits.items()}, {b: v.double() for b, v in z.items()}, y)
+    assert loss.dtype == torch.float64

@@ -317,3 +317,12 @@ def test_deepspeed_bf16_on_the_cpu_accelerator_trains_both_stages(tmp_path):
         assert all(d == "torch.float32" and np.isfinite(v) for d, v in r["losses"]), r
         assert r["moved"] >= 0.9 * r["params"], r  # it trains
     assert res["stage1_bf16"]["param_dtype"] == "torch.float32"  # fp32 master weights, autocast only
+
+
+def test_metrics_take_bf16_tensors():
+    from bdgf.metrics import confusion_matrix, overall_accuracy
+
+    y_true = torch.tensor([0, 1, 2, 2])
+    y_pred = torch.tensor([0.0, 1.0, 1.0, 2.0], dtype=torch.bfloat16)  # e.g. an argmax kept in the autocast dtype
+    assert overall_accuracy(y_true, y_pred) == pytest.approx(0.75)
+    assert confusion_matrix(y_true, y_pred, 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
