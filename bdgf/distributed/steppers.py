@@ -5,6 +5,15 @@
 before anything is launched when it does not fit; ``make_engine`` wraps the model and returns a
 stepper with the same ``step(loss)`` interface as :class:`bdgf.engine.loop.TorchStepper`, so the
 single-process loops (``pretrain_loop``, ``train_epochs``) run unchanged.
+
+Precision is settled on the worker, for its own device (``resolve_precision``, called by
+``make_engine``): ``bf16: auto`` is bf16 autocast on a CUDA device with native bf16 and fp32
+elsewhere; ``bf16: true`` is bf16 autocast on any device (the CPU too); the losses and metrics
+are computed in fp32 from the autocast outputs (``bdgf.diffusion.loss``, ``bdgf.losses``).
+
+Failures: Ray Train's ``max_failures`` restarts the worker group after any worker error, a
+deterministic one (a ValueError in the step) included: Ray Train 2.60 has no public way to mark an
+error as not retryable, so such an error is raised ``max_failures + 1`` times before the run fails.
 """
 
 from __future__ import annotations
