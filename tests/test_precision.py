@@ -205,6 +205,16 @@ def test_inference_graph_under_autocast_returns_float32():
     arr = probs.numpy()  # bf16 would raise TypeError here
     assert arr.dtype == np.float32 and float(arr[0, :, 0, 0].sum()) == 0.0
     np.testing.assert_allclose(arr[1].sum(0), 1.0, atol=2e-2)
+    # the pipeline's bulk entry point (the graph's output as a numpy array), under autocast too
+    from bdgf.pipeline import Pipeline
+
+    pipe = Pipeline(run=None, config=None, seed=0, spec=spec, graph=graph, modalities=["hsi", "lidar"],
+                    class_names=["a", "b", "c"], normalisation={}, device=torch.device("cpu"))
+    with torch.autocast(**BF16):
+        out = pipe.classify_windows(window.numpy(), [(0, 0), (0, 4)])
+        without = pipe.classify_windows(window.numpy(), [(0, 0), (0, 4)], absent=["lidar"])
+    assert out.dtype == np.float32 and without.dtype == np.float32 and out.shape == (2, 3, T, T)
+    np.testing.assert_allclose(out, arr, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
