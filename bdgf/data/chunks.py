@@ -16,12 +16,15 @@ N tiles. A *chunk* is one (C, 256, 256) block of ``modalities/<name>`` as ``writ
 * **Counting.** :class:`CountingStore` wraps the store every reader opens (production too) and
   counts chunk reads and the bytes they fetched: ``dataset.read_stats()``.
 * **Chunk-aligned shards** (:func:`chunk_shard`). A tile belongs to the chunk holding its
-  top-left pixel (``origin // chunk``), also when it straddles into the neighbours (which it
-  then reads, at most 4 chunks per modality). The non-empty chunks (of every store, in order)
-  are dealt to ranks, the largest first (ties in a seed-drawn order), each to the rank with the
-  fewest tiles so far: deterministic in (seed, world size), disjoint in chunks, every tile in
-  exactly one shard. With fewer chunks than ranks (a scene smaller than world × 256² px, which
-  then fits any budget) it falls back to tile-level sharding (``shard_indices``).
+  top-left pixel (``origin // chunk``), also when it straddles into the neighbours below and to
+  the right (which it then reads: at most 4 chunks per array). The non-empty chunks, in one order
+  (stores in turn, chunks row-major in each) started at a seed-drawn chunk and wrapping around,
+  are cut into ``world`` contiguous runs of about equal tile counts (a chunk goes to the rank
+  whose share of the tiles holds its midpoint; shards within two chunks' tiles of each other), so a rank's straddling tiles mostly read its own
+  chunks; should a rank get none (a few huge chunks), the chunks are dealt largest first to the
+  least loaded rank instead. Deterministic in (seed, world size), disjoint in chunks, every tile
+  in exactly one shard. With fewer chunks than ranks (a scene smaller than world × 256² px,
+  which then fits any budget) it falls back to tile-level sharding (``shard_indices``).
 * **Chunk-window sampling** (:class:`ChunkWindowSampler`), for scenes read lazily: passes over
   the shard, each in a fresh seed-drawn order of chunks, ``window`` chunks at a time with their
   tiles shuffled together; ``window`` is what the cache holds with the neighbours a straddling
@@ -128,7 +131,9 @@ class CountingStore(WrapperStore):
 class ChunkCachedScene(Scene):
     """A :class:`Scene` whose raw reads come from whole chunks kept in an LRU of at most
     ``cache_bytes`` (the validity mask: :data:`VALID_CHUNKS` chunks). ``read_window`` and
-    ``read_valid_window`` return exactly what the plain ``Scene`` returns."""
+    ``read_valid_window`` return exactly what the plain ``Scene`` returns. Room is made before a
+    chunk is read, so the cached chunks plus the one being read stay within ``cache_bytes`` (one
+    chunk is always kept, even when it alone is larger)."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
 
@@ -150,16 +155,19 @@ class ChunkCachedScene(Scene):
         self.misses += 1
         ch, cw = arr.chunks[-2:]
         sel = (slice(cy * ch, (cy + 1) * ch), slice(cx * cw, (cx + 1) * cw))
-        block = np.asarray(arr[sel] if valid else arr[(slice(None),) + sel])
-        lru[k] = block
         if valid:
-            while len(lru) > VALID_CHUNKS:
+            while len(lru) >= VALID_CHUNKS:
                 lru.popitem(last=False)
-        else:
-            self._lru_bytes += block.nbytes
-            while self._lru_bytes > self.cache_bytes and len(lru) > 1:
+        else:  # make room first, so the cache plus the chunk being read stay within the budget
+            need = arr.dtype.itemsize * arr.shape[0] * (min(arr.shape[1], (cy + 1) * ch) - cy * ch) \
+                * (min(arr.shape[2], (cx + 1) * cw) - cx * cw)
+            while lru and self._lru_bytes + need > self.cache_bytes:
                 _, old = lru.popitem(last=False)
                 self._lru_bytes -= old.nbytes
+        block = np.asarray(arr[sel] if valid else arr[(slice(None),) + sel])
+        lru[k] = block
+        if not valid:
+            self._lru_bytes += block.nbytes
         return block
 
     def _assemble(self, key: str, arr, r0: int, r1: int, c0: int, c1: int, valid: bool) -> np.ndarray:
@@ -230,14 +238,23 @@ def chunk_shard(keys: Sequence[np.ndarray], rank: int, world: int, seed: int = 0
         offset += len(k)
     if len(groups) < world:
         return None
-    sizes = np.array([len(g) for g in groups])
-    tie = np.random.default_rng([int(seed), 7]).permutation(len(groups))
-    load = np.zeros(world, np.int64)
-    owned: list[list[int]] = [[] for _ in range(world)]
-    for g in np.lexsort((tie, -sizes)):  # largest first, ties in the drawn order
-        r = int(np.argmin(load))  # the least loaded rank (lowest rank on ties)
-        owned[r].append(int(g))
-        load[r] += sizes[g]
+    sizes = np.array([len(g) for g in groups], np.int64)
+    # contiguous runs of the chunk order (stores in turn, chunks row-major), started at a
+    # seed-drawn chunk: chunk g goes to the rank whose share of the tiles holds its midpoint
+    shift = int(np.random.default_rng([int(seed), 7]).integers(len(groups)))
+    order = np.roll(np.arange(len(groups)), -shift)
+    mid = np.cumsum(sizes[order]) - sizes[order] / 2.0
+    rank_of = np.empty(len(groups), np.int64)
+    rank_of[order] = np.minimum((mid * world / sizes.sum()).astype(np.int64), world - 1)
+    owned: list[list[int]] = [list(np.flatnonzero(rank_of == r)) for r in range(world)]
+    if any(not o for o in owned):  # a few huge chunks: deal them, largest first, to the least loaded
+        tie = np.random.default_rng([int(seed), 8]).permutation(len(groups))
+        load = np.zeros(world, np.int64)
+        owned = [[] for _ in range(world)]
+        for g in np.lexsort((tie, -sizes)):
+            r = int(np.argmin(load))
+            owned[r].append(int(g))
+            load[r] += sizes[g]
     mine = [groups[g] for g in sorted(owned[rank])]
     return np.sort(np.concatenate(mine)), mine
 
