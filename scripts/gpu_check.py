@@ -58,8 +58,12 @@ def _env() -> dict:
     return env
 
 
-def preflight() -> str | None:
-    """None when this machine can run the check, else why not."""
+NEEDS = {"kernels": ("triton", "pytest", "numpy"), "stages": ("ray", "deepspeed", "zarr", "typer"),
+         "bench": ("triton",)}
+
+
+def preflight(parts=PARTS) -> str | None:
+    """None when this machine can run ``parts`` of the check, else why not."""
     try:
         import torch
     except ImportError:
@@ -68,10 +72,12 @@ def preflight() -> str | None:
         built = torch.version.cuda or "none (a CPU build)"
         return (f"no CUDA device visible to torch {torch.__version__} (its CUDA: {built}); this check needs "
                 f"one GPU. Nothing was run.")
-    missing = [m for m in ("triton", "ray", "deepspeed", "zarr", "pytest") if importlib.util.find_spec(m) is None]
+    need = sorted({m for p in parts for m in NEEDS[p]})
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
     if missing:
         return (f"missing packages: {', '.join(missing)}; install the project first: "
-                f"pip install -c constraints.txt -e '.[distributed,dev]' (or make install)")
+                f"pip install -c constraints.txt -e '.[distributed,dev]' (or make install), "
+                f"or leave out the parts that need them (--skip stages)")
     return None
 
 
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: CPU rehearsal of the stages (not a GPU check); work folder {work}", flush=True)
         print(check_stages(work, work / "gpu_check.log", a.steps, a.epochs, dev="cpu"))
         return 0
-    why = preflight()
+    why = preflight([p for p in PARTS if p not in skip])
     if why:
         print(f"gpu_check: {why}", file=sys.stderr)
         return NO_GPU_EXIT
