@@ -138,8 +138,9 @@ def test_chunked_on_cuda_matches_loop(dtype):
                                                                              delta_scale=0.1)]
     ref = selective_scan_ref(*ins)
     out = selective_scan_chunked(*ins)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # both scan in float32; bf16 only rounds the ends
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     g = torch.randn_like(ref)
+    gtol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     for name, a, b in zip("u delta A B C D".split(), _grads(out, ins, g), _grads(ref, ins, g)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=10 * tol, atol=10 * tol, msg=f"grad {name}")
+        torch.testing.assert_close(a.float(), b.float(), **gtol, msg=f"grad {name}")
