@@ -172,6 +172,9 @@ Storage = Annotated[Optional[str], typer.Option(
     help="Ray Train storage for checkpoints (default RUN/ray; a shared path or bucket on a multi-node cluster).")]
 MaxFailures = Annotated[Optional[int], typer.Option(help="Worker restarts Ray Train may make (default 3).")]
 DeepSpeedConfig = Annotated[Optional[str], typer.Option(help="DeepSpeed JSON template (default: the bundled one).")]
+Device = Annotated[str, typer.Option(
+    help="auto, cpu or gpu. auto: a GPU per worker when the Ray cluster has them (with --workers), or this "
+         "machine's GPU (without); gpu is refused before launch where there is none. Never the driver's device.")]
 
 
 @command()
@@ -187,13 +190,14 @@ def pretrain(
     storage: Storage = None,
     max_failures: MaxFailures = None,
     deepspeed_config: DeepSpeedConfig = None,
+    device: Device = "auto",
 ) -> None:
     """Stage 1: pretrain the balanced multimodal denoiser with adaptive modality masking."""
     from bdgf.engine.pretrain import pretrain as run_pretrain
 
     cfg = _run_config(config, set_)
     summary = run_pretrain(stores, out, cfg, resume=resume, overwrite=overwrite, workers=workers, address=address,
-                           storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
+                           storage=storage, max_failures=max_failures, ds_config=deepspeed_config, device=device)
     typer.echo(summary.line())
 
 
@@ -203,11 +207,12 @@ def features(
     run: Path = typer.Option(..., "--run", help="Run directory with a pretrained denoiser."),
     workers: int = typer.Option(0, help="Ray tasks over disjoint tiles (0: a plain single process here)."),
     address: Address = None,
+    device: Device = "auto",
 ) -> None:
     """Compute dense diffusion features (low/mid/high) and cache them in the store."""
     from bdgf.engine.features import compute_features
 
-    typer.echo(compute_features(store, run, workers=workers, address=address).line())
+    typer.echo(compute_features(store, run, workers=workers, address=address, device=device).line())
 
 
 @command()
@@ -222,6 +227,7 @@ def train(
     storage: Storage = None,
     max_failures: MaxFailures = None,
     deepspeed_config: DeepSpeedConfig = None,
+    device: Device = "auto",
 ) -> None:
     """Stage 2: train the diffusion-guided multi-branch classifier (model selection on val)."""
     from bdgf.engine.classify import train as run_train
@@ -231,7 +237,7 @@ def train(
         overrides["train.branches"] = [b.strip() for b in branches.split(",")]
     for s in _seeds(seeds) or [None]:
         r = run_train(store, run, seed=s, overrides=overrides, workers=workers, address=address,
-                      storage=storage, max_failures=max_failures, ds_config=deepspeed_config)
+                      storage=storage, max_failures=max_failures, ds_config=deepspeed_config, device=device)
         typer.echo(r.line())
 
 

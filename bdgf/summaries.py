@@ -1,6 +1,8 @@
 """What each stage returns: small typed records that the CLI, the demo, the benchmarks and the
 HTTP app print or read. Single-process and distributed runs fill the same fields
-(``workers`` is 1 and ``engine`` "torch" for a plain single process)."""
+(``workers`` is 1 and ``engine`` "torch" for a plain single process). ``device`` ("cpu" | "gpu")
+is what the work ran on, chosen where it runs (the cluster's resources, or this machine's for a
+single process), and ``device_reason`` says why (e.g. "cluster has no GPU")."""
 
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ def _num(v, fmt: str) -> str:
     return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
 
 
+def _device(r) -> str:
+    return f"{r.device} ({r.device_reason})" if r.device_reason else r.device
+
+
 @dataclass
 class PretrainSummary(_Record):
     steps: int
@@ -40,13 +46,15 @@ class PretrainSummary(_Record):
     workers: int
     engine: str
     checkpoint: str | None = None  # the Ray Train checkpoint the run dir was filled from
+    device: str = "cpu"
+    device_reason: str = ""
 
     def line(self) -> str:
         mods = ", ".join(f"{n}: loss {_num(self.loss_per_modality[n], '.4f')} p_mask {_num(self.p_mask[n], '.2f')}"
                          for n in self.loss_per_modality)
         return (f"pretrained {self.steps} steps on {self.workers} worker(s) ({self.engine}), loss "
                 f"{_num(self.final_loss, '.4f')} ({mods}); most masked: {self.most_masked}; "
-                f"{_num(self.tiles_per_s, '.1f')} tiles/s; {self.wall_s:.1f} s")
+                f"{_num(self.tiles_per_s, '.1f')} tiles/s; {self.wall_s:.1f} s; {_device(self)}")
 
 
 FEATURE_STATES = {"reuse": "reused cached", "resume": "resumed", "new": "computed",
@@ -61,13 +69,15 @@ class FeatureSummary(_Record):
     wall_s: float
     pixels_per_s: float | None
     workers: int
+    device: str = "cpu"
+    device_reason: str = ""
 
     def line(self) -> str:
         levels = {k: v for k, v in self.channels.items() if "_without_" not in k}
         absent = sorted({k.split("_without_", 1)[1] for k in self.channels if "_without_" in k})
         extra = f", and each without {', '.join(absent)}" if absent else ""
         return (f"{FEATURE_STATES[self.state]} features for checkpoint {self.checkpoint}: {levels}{extra} "
-                f"({self.wall_s:.1f} s, {self.workers} worker(s))")
+                f"({self.wall_s:.1f} s, {self.workers} worker(s), {_device(self)})")
 
 
 @dataclass
@@ -87,12 +97,14 @@ class TrainSummary(_Record):
     patience: int | None = None
     train_split: str = "train"
     val_split: str = "val"
+    device: str = "cpu"
+    device_reason: str = ""
 
     def line(self) -> str:
         stop = f"stopped early (patience {self.patience})" if self.stopped_early else "ran every epoch"
         return (f"seed {self.seed}: selected epoch {self.epoch} of {self.epochs_run} ({stop}): "
                 f"val OA {self.val_oa:.4f} NLL {self.val_nll:.4f}, train OA {_num(self.train_oa, '.4f')} "
-                f"NLL {_num(self.train_nll, '.4f')} ({self.workers} worker(s), {self.engine}; {self.wall_s:.1f} s)")
+                f"NLL {_num(self.train_nll, '.4f')} ({self.workers} worker(s), {self.engine}, {_device(self)}; {self.wall_s:.1f} s)")
 
 
 @dataclass

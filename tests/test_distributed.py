@@ -79,6 +79,7 @@ def load_denoiser(path):
 def test_pretrain_two_workers_deepspeed(pretrained):
     run, summary = pretrained
     assert summary.engine == "deepspeed" and summary.workers == 2 and summary.steps == 24
+    assert (summary.device, summary.device_reason) == ("cpu", "cluster has no GPU")  # the cluster's, not the driver's
     recs = [r for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == list(range(1, 25))
     assert all(r["workers"] == 2 and r["global_tiles_per_s"] > 0 for r in recs)
@@ -170,24 +171,35 @@ def test_cli_pretrain_workers_overwrite_replaces_a_single_process_run(ray_sessio
     assert summary_dist.keys() == summary_single.keys() and summary_dist["workers"] == 2
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_session, store, tmp_path, monkeypatch):
+def test_killed_worker_resumes_exactly(pretrained, store, tmp_path, monkeypatch):
+    """A worker SIGKILLed mid-run: the group restarts from the last checkpoint and, with the RNG
+    streams and the sampler position restored, ends with the weights of the uninterrupted run of
+    the same seed and world size (the ``pretrained`` fixture)."""
     from bdgf.distributed.faults import FAULT_ENV
 
+    straight_run, straight = pretrained
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"14:{marker}:1")  # SIGKILL rank 1 before step 14, once
     run = tmp_path / "run"
-    cfg = tiny_config(steps=16, checkpoint_every=6, log_every=1)
+    cfg = tiny_config()  # the fixture's: 24 steps, a checkpoint every 12
     t0 = time.perf_counter()
     summary = distributed_pretrain(store, run, cfg, workers=2, max_failures=2)
     assert marker.exists(), "the worker was not killed"
-    assert summary.steps == 16
+    assert summary.steps == 24
     restarts = read_jsonl(run / "pretrain" / "restarts.jsonl")
     assert restarts and restarts[0]["resumed_from_step"] == 12
     lost = 14 - 1 - restarts[0]["resumed_from_step"]
     assert lost <= cfg.pretrain.checkpoint_every
-    steps = [r["step"] for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
-    assert steps == list(range(1, 17))  # the lost steps' lines were dropped and rerun once
-    assert torch.load(run / "pretrain" / "denoiser.pt", weights_only=False)["step"] == 16
+    recs = [r for r in read_jsonl(run / "pretrain" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, 25))  # the lost steps' lines were dropped and rerun once
+    a = torch.load(straight_run / "pretrain" / "denoiser.pt", weights_only=False)
+    b = torch.load(run / "pretrain" / "denoiser.pt", weights_only=False)
+    assert b["step"] == 24
+    worst = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
+    assert worst <= 1e-6, f"the resumed run's weights differ from the uninterrupted run's by {worst}"
+    assert json.dumps(a["masking"], default=str) == json.dumps(b["masking"], default=str)
+    ref = [r["loss"] for r in read_jsonl(straight_run / "pretrain" / "log.jsonl") if "loss" in r]
+    assert max(abs(x - r["loss"]) for x, r in zip(ref, recs)) <= 1e-5
     assert time.perf_counter() - t0 < 240
 
 
@@ -232,10 +244,17 @@ def test_deepspeed_batch_config_must_fit_world_size(store, tmp_path):
 def test_resume_from_checkpoint_of_another_model(pretrained, store, tmp_path):
     from bdgf.run import CheckpointMismatch
 
-    run, _ = pretrained
+    from bdgf.distributed.launch import experiment_name, run_identity
+
+    run, summary = pretrained
     other = tmp_path / "run"
-    other.mkdir()
-    shutil.copytree(run / "ray", other / "ray")  # an interrupted run's experiment folder
+    # an interrupted job of this run (same run dir, store and world size) left this checkpoint
+    identity = run_identity(other, [store], 2, "pretrain")
+    ckpt = other / "ray" / experiment_name("pretrain", identity) / Path(summary.checkpoint).name
+    shutil.copytree(summary.checkpoint, ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["signature"]["identity"] = identity
+    (ckpt / "meta.json").write_text(json.dumps(meta))
     cfg = tiny_config(unet={**TINY_UNET, "base_channels": 16})
     with pytest.raises(CheckpointMismatch, match=r"unet_config.*checkpoint .*base_channels.: 8.*this run .*base_channels.: 16"):
         distributed_pretrain(store, other, cfg, workers=2)
@@ -268,6 +287,7 @@ def test_features_over_ray_tasks_match_single_process(pretrained, store, tmp_pat
     del zarr.open_group(str(copy), mode="r+")["features"]
     s = compute_features(copy, run, workers=2, progress=False)
     assert s.state == "new" and s.workers == 2 and cached_spec(copy)[1]
+    assert (s.device, s.device_reason) == ("cpu", "cluster has no GPU")
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(copy), mode="r")
     for name in LEVELS:
         # other tile batches: fp16 rounding of slightly different float sums, nothing more

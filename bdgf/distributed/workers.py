@@ -11,8 +11,10 @@ A checkpoint directory (one per report, merged from all ranks by Ray Train) hold
     classifier.pt   (train) the best-on-val classifier so far
     train_state.pt  (train) epochs done and the best so far
     engine/         DeepSpeed's own checkpoint (every rank's shard) or ddp.pt
+    rng_rank<r>.pt  every rank's RNG streams (torch, numpy, python, CUDA, the loop's generators)
     log.jsonl       rank 0's log up to this checkpoint (so a restart drops the lost steps' lines)
-The driver copies every file but ``meta.json`` and ``engine/`` of the final one into the run.
+The driver copies every file but ``meta.json``, ``rng_rank<r>.pt`` and ``engine/`` of the final one
+into the run.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ class RayContext:
         self.stage_rel = launch["stage_rel"]  # e.g. "pretrain" or "train/seed0"
         self.where = f"worker rank {self.rank}"
         self.progress = False
-        if torch.cuda.is_available():
+        if launch.get("device", "cpu") == "gpu":  # chosen on the driver from the cluster's resources
+            if not torch.cuda.is_available():
+                raise BDGFError(f"{self.where}: the job asked for a GPU but torch sees no CUDA device on this node")
             import ray.train.torch
 
             self.device = ray.train.torch.get_device()
@@ -115,9 +119,11 @@ class RayContext:
         self._log_path = path
         return JsonlLogger(path, append=True)
 
-    def checkpoint(self, tag: str, metrics: dict, files: dict, meta: dict, stepper=None) -> None:
-        """Write this rank's part (engine shard; rank 0 also ``files``, meta and the log so far)
-        and report it to Ray Train: a barrier across ranks."""
+    def checkpoint(self, tag: str, metrics: dict, files: dict, meta: dict, stepper=None,
+                   rank_state: dict | None = None) -> None:
+        """Write this rank's part (engine shard and ``rank_state``, its RNG streams, as
+        ``rng_rank<r>.pt``; rank 0 also ``files``, meta and the log so far) and report it to Ray
+        Train: a barrier across ranks."""
         import ray.train
         from ray.train import CheckpointConsistencyMode
 
@@ -125,6 +131,8 @@ class RayContext:
         try:
             if stepper is not None:
                 stepper.save(tmp / "engine")
+            if rank_state is not None:
+                write_checkpoint(rank_state, tmp / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 for name, obj in files.items():
                     if obj is not None:

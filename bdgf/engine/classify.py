@@ -35,7 +35,7 @@ from bdgf.data.patches import PatchDataset
 from bdgf.data.scene import Scene
 from bdgf.data.stores import open_stores
 from bdgf.diffusion.features import LEVELS, feature_name
-from bdgf.engine.loop import LocalContext, check_finite
+from bdgf.engine.loop import LocalContext, check_finite, restore_rng, rng_state
 from bdgf.errors import BDGFError
 from bdgf.losses import MutualLearningConfig, MutualLearningLoss
 from bdgf.metrics import classification_report
@@ -160,16 +160,21 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, view: Moda
                  min_delta: float = NLL_MIN_DELTA,
                  on_log: Callable[[dict], None] | None = None, on_best: Callable[[int, float], None] | None = None,
                  on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = False,
-                 device="cpu", set_epoch: Callable[[int], None] | None = None) -> dict:
+                 device="cpu", set_epoch: Callable[[int], None] | None = None,
+                 counters: dict | None = None) -> dict:
     """Train epochs ``start_epoch+1 .. epochs``; after every ``val_every`` epochs score val and
     call ``on_best(epoch, oa)`` when it is :func:`better` (higher OA; on a tie, common on small or
     saturated val splits, an NLL lower by more than ``min_delta``); ``on_epoch_end(epoch, best)``
     after each epoch. Stops after ``patience`` epochs without a better one. ``keep_last``: a fixed
     schedule instead (every epoch runs, each scored epoch replaces the kept one). NaN loss stops
     with TrainingDiverged (the best checkpoint so far is kept). Returns the kept {"epoch",
-    "val_oa", "val_nll", "stopped_early"} (``stopped_early``: patience ran out before ``epochs``)."""
+    "val_oa", "val_nll", "stopped_early"} (``stopped_early``: patience ran out before ``epochs``).
+
+    ``counters`` {"step", "since_best"}: the loop's own state, read at the start (a resumed run
+    continues its patience count) and updated in place after every epoch (a checkpoint saves it)."""
     best = dict(best) if best else {"epoch": 0, "val_oa": -1.0, "val_nll": float("inf")}
-    step, since_best = 0, 0
+    counters = {} if counters is None else counters
+    step, since_best = int(counters.get("step", 0)), int(counters.get("since_best", 0))
     bar = Progress(epochs, "train", "epoch", initial=start_epoch, enabled=progress)
     model.train()
     t0, seen = time.perf_counter(), 0
@@ -205,6 +210,7 @@ def train_epochs(model, criterion, train_loader, val_loader, stepper, view: Moda
             stop = since_best >= patience and epoch < epochs
             if stop:
                 best = {**best, "stopped_early": True}
+            counters.update(step=step, since_best=since_best)
             bar.update(1, **figures, best_epoch=best["epoch"])
             if on_epoch_end is not None:
                 on_epoch_end(epoch, best)
@@ -255,19 +261,32 @@ def train_body(job: dict, ctx) -> None:
     optimizer = torch.optim.AdamW(joint.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     engine, stepper = ctx.make_stepper(joint, optimizer, tc.grad_clip)
 
-    done, restored_log, best, best_state = 0, "", None, None
+    done, restored_log, best, best_state, rng = 0, "", None, None, None
+    counters: dict = {}
     local, _ = ctx.restore(job["signature"])
-    if local is not None:  # a restarted worker: Ray Train's last checkpoint
+    if local is not None:  # a restarted worker, or a resumed single process: the last checkpoint
         st = read_checkpoint(local / "train_state.pt", "training state")
         done, best = int(st["epoch"]), st["best"]
+        counters.update(st.get("counters") or {})
         if (local / "classifier.pt").exists():
             best_state = read_checkpoint(local / "classifier.pt", "classifier checkpoint")
-        stepper.load(local / "engine")
+        if (local / "engine").exists():
+            stepper.load(local / "engine")
+        elif st.get("stepper"):
+            stepper.load_state_dict(st["stepper"])
+        mine = local / f"rng_rank{ctx.rank}.pt"
+        if mine.exists():
+            rng = read_checkpoint(mine, "RNG state")
+        elif (st.get("rng") or {}).get("world") == ctx.world == 1:
+            rng = st["rng"]
         restored_log = (local / "log.jsonl").read_text() if (local / "log.jsonl").exists() else ""
         log.warning("rank %d: resumed after epoch %d", ctx.rank, done)
         ctx.note_restart({"resumed_after_epoch": done})
-    if done >= tc.epochs:
-        return
+    if done >= tc.epochs or (best or {}).get("stopped_early"):
+        return  # finished, or early-stopped: a resumed run trains no further
+    streams = {"view": view.generator, "shuffle": getattr(train_loader, "generator", None)}
+    if rng is not None:
+        restore_rng(rng, streams)
     logger = ctx.logger("log.jsonl", restored_log) if ctx.rank == 0 else None
 
     def on_log(rec: dict) -> None:
@@ -283,9 +302,17 @@ def train_body(job: dict, ctx) -> None:
                       "seed": seed, "train_config": asdict(tc)}
 
     def on_epoch_end(epoch: int, best_now: dict) -> None:
-        files = {"train_state.pt": {"epoch": epoch, "best": best_now}, "classifier.pt": best_state} if ctx.rank == 0 else {}
+        mine = rng_state(streams, world=ctx.world, rank=ctx.rank, epoch=epoch)
+        final = epoch >= tc.epochs or bool(best_now.get("stopped_early"))
+        files = {}
+        if ctx.rank == 0:
+            sd = stepper.state_dict() if hasattr(stepper, "state_dict") else None
+            files = {"train_state.pt": {"epoch": epoch, "best": best_now, "counters": dict(counters), "rng": mine,
+                                        "stepper": sd},
+                     "classifier.pt": best_state}
         ctx.checkpoint(f"checkpoint_epoch{epoch:05d}", {"epoch": epoch, **best_now}, files,
-                       {"stage": "train", "epoch": epoch, "signature": job["signature"]}, stepper=stepper)
+                       {"stage": "train", "epoch": epoch, "signature": job["signature"], "final": final},
+                       stepper=stepper, rank_state=mine)
 
     try:
         train_epochs(engine, criterion, train_loader, val_loader, stepper, view, epochs=tc.epochs, start_epoch=done,
@@ -293,7 +320,7 @@ def train_body(job: dict, ctx) -> None:
                      min_delta=tc.nll_min_delta,
                      on_log=on_log, on_best=on_best,
                      on_epoch_end=on_epoch_end, progress=bool(job.get("progress")), device=ctx.device,
-                     set_epoch=train_ds.set_epoch)
+                     set_epoch=train_ds.set_epoch, counters=counters)
     finally:
         if logger is not None:
             logger.close()
@@ -307,11 +334,12 @@ def train_body(job: dict, ctx) -> None:
 def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, overrides: dict | None = None,
           progress: bool = True, workers: int = 0, address: str | None = None, storage: str | None = None,
           max_failures: int | None = None, ds_config: str | None = None, train_split: str = "train",
-          val_split: str | None = None, out_dir: str | Path | None = None) -> TrainSummary:
+          val_split: str | None = None, out_dir: str | Path | None = None, device: str = "auto") -> TrainSummary:
     """Train one classifier (one seed) on a store with cached features into ``run_dir``
     (``workers=N``: on N Ray Train workers). ``train_split`` / ``val_split`` name the store's
     label splits to fit and select on (default "train", and "val" where the store has one, else
-    the train split); ``out_dir``: where the classifier goes (default ``RUN/train/seed<k>``)."""
+    the train split); ``out_dir``: where the classifier goes (default ``RUN/train/seed<k>``);
+    ``device`` "auto" | "cpu" | "gpu" (see :func:`bdgf.distributed.launch.choose_device`)."""
     store = str(Path(store).resolve())
     scene = open_stores([store], where="driver")[0]
     run = Run(run_dir)
@@ -340,21 +368,33 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
     job = {"store": store, "run_config": config.to_dict(), "seed": seed, "signature": signature,
            "feature_channels": feature_channels, "val_split": val_split, "micro_batch": tc.batch_size,
            "progress": progress, "train_split": train_split}
+    out = run.seed_dir(seed) if out_dir is None else Path(out_dir)
     launch = None
     if workers:
         from bdgf.distributed.launch import prepare_launch
 
+        try:
+            rel = str(out.resolve().relative_to(run.path.resolve()))
+        except ValueError:
+            rel = str(out.resolve())
         launch = prepare_launch("train", run, name=f"train-seed{seed}", workers=workers, address=address,
                                 micro_batch=tc.batch_size, grad_clip=tc.grad_clip, ds_config=ds_config,
-                                storage=storage, max_failures=max_failures, signature=signature)
-        job.update(micro_batch=launch.micro_batch, progress=False)
-    out = run.seed_dir(seed) if out_dir is None else Path(out_dir)
+                                storage=storage, max_failures=max_failures, signature=signature, stores=[store],
+                                out=rel, device=device,
+                                hint="delete that experiment folder or use another --storage")
+        job.update(micro_batch=launch.micro_batch, progress=False, signature=launch.signature)
+        choice = (launch.device, launch.device_reason)
+    else:
+        from bdgf.distributed.launch import local_device  # noqa: PLC0415 - no Ray import at module level
+
+        c = local_device(device)
+        choice = (c.device, c.reason)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
 
     t0 = time.perf_counter()
     if launch is None:
-        train_body(job, LocalContext(out, progress=progress))
+        train_body(job, LocalContext(out, "cuda" if choice[0] == "gpu" else "cpu", progress=progress))
         engine = "torch"
     else:
         launch.fit(train_body, job, out_dir=out)
@@ -373,7 +413,8 @@ def train(store: str | Path, run_dir: str | Path, *, seed: int | None = None, ov
                            val_nll=float(best["val_nll"]), wall_s=wall, branches=list(tc.branches),
                            workers=max(workers, 1), engine=engine, epochs_run=int(state["epoch"]),
                            train_oa=fit["oa"], train_nll=fit["nll"], stopped_early=bool(best.get("stopped_early")),
-                           patience=tc.patience, train_split=train_split, val_split=val_split)
+                           patience=tc.patience, train_split=train_split, val_split=val_split,
+                           device=choice[0], device_reason=choice[1])
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
 

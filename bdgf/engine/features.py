@@ -77,26 +77,36 @@ def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedul
     return len(todo)
 
 
-def extract_part(store: str, denoiser: dict, spec: dict, origins: list, batch_size: int) -> int:
+def extract_part(store: str, denoiser: dict, spec: dict, origins: list, batch_size: int, device: str = "cpu") -> int:
     """One worker's share: rebuild the denoiser from its checkpoint dict and extract ``origins``
-    (a Ray task; any process that sees the store can run it)."""
+    (a Ray task; any process that sees the store can run it) on ``device`` ("cpu" | "gpu", chosen
+    by the driver from the cluster's resources; the task then holds one GPU)."""
     open_stores([store], where="feature task")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise BDGFError("feature task: the job asked for a GPU but torch sees no CUDA device on this node")
+    device = torch.device("cuda") if device == "gpu" else torch.device("cpu")
     model, schedule = denoiser_from_checkpoint(denoiser, device)
     return extract_tiles(store, model, schedule, FeatureSpec.from_dict(spec),
                          [tuple(int(v) for v in o) for o in origins], batch_size, device=device)
 
 
 def compute_features(store: str | Path, run_dir: str | Path, *, progress: bool = True, workers: int = 0,
-                     address: str | None = None, batch_size: int | None = None) -> FeatureSummary:
+                     address: str | None = None, batch_size: int | None = None,
+                     device: str = "auto") -> FeatureSummary:
     """Make sure ``store`` holds the features of ``run_dir``'s denoiser (reuse, resume, new, or
-    recompute when the cache was made for another checkpoint or setting)."""
+    recompute when the cache was made for another checkpoint or setting). ``device`` "auto" |
+    "cpu" | "gpu": the Ray tasks' (``workers=N``: from the cluster's resources) or this process's."""
     if workers < 0:
         raise BDGFError(f"--workers must be >= 0, got {workers}")
-    if workers:
-        from bdgf.distributed.launch import probe
+    from bdgf.distributed.launch import DEVICES, cluster_device, local_device, probe
 
+    if (device or "auto").lower() not in DEVICES:
+        raise BDGFError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if workers:
         probe(address)
+        choice = cluster_device(device, address)
+    else:
+        choice = local_device(device)
     store = str(Path(store).resolve())
     scene = open_stores([store], where="driver")[0]
     run = Run(run_dir)
@@ -118,13 +128,15 @@ def compute_features(store: str | Path, run_dir: str | Path, *, progress: bool =
 
             denoiser = {k: ckpt[k] for k in ("model", "unet_config", "schedule")}
             parts = [p for p in (tiles[i::workers] for i in range(workers)) if len(p)]  # disjoint, balanced
-            run_tasks(extract_part, [(store, denoiser, spec.as_dict(), p.tolist(), batch_size) for p in parts],
-                      address=address, what="features")
+            run_tasks(extract_part, [(store, denoiser, spec.as_dict(), p.tolist(), batch_size, choice.device)
+                                     for p in parts], address=address, what="features", device=choice.device)
         else:
-            extract_tiles(store, model, schedule, spec, tiles, batch_size, progress)
+            local = torch.device("cuda") if choice.device == "gpu" else torch.device("cpu")
+            extract_tiles(store, model.to(local), schedule, spec, tiles, batch_size, progress, device=local)
         if not feature_cache.mark_complete(store):
             raise BDGFError(f"{store}: some feature tiles are still missing; rerun to resume")
     wall = time.perf_counter() - t0
     h, w = scene.shape
     return FeatureSummary(state=state, checkpoint=spec.checkpoint, channels=channels, wall_s=wall,
-                          pixels_per_s=(h * w / wall) if state != "reuse" else None, workers=max(workers, 1))
+                          pixels_per_s=(h * w / wall) if state != "reuse" else None, workers=max(workers, 1),
+                          device=choice.device, device_reason=choice.reason)

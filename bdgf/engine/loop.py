@@ -1,11 +1,13 @@
-"""Pieces shared by the training loops: the optimiser step, divergence, batch cycling, and the
-single-process context a stage body runs in."""
+"""Pieces shared by the training loops: the optimiser step, divergence, batch cycling, the RNG
+state a checkpoint carries, and the single-process context a stage body runs in."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +46,40 @@ class TorchStepper:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None, **extra) -> dict:
+    """Every random stream a resumed run must continue exactly: torch's (CPU and, where used,
+    CUDA), numpy's, python's, and the loop's own ``generators``; ``extra`` (e.g. ``world``)
+    is stored beside them."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "generators": {k: g.get_state() for k, g in (generators or {}).items() if g is not None}, **extra}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put back what :func:`rng_state` saved (a generator the state lacks is left as it is)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in (generators or {}).items():
+        if g is not None and name in state.get("generators", {}):
+            g.set_state(state["generators"][name])
+
+
+def restored_stream(batches: Iterable, restore) -> Iterator:
+    """Pass ``batches`` through, calling ``restore()`` (e.g. putting back the RNG state of a
+    checkpoint) right after the first batch is fetched: creating a DataLoader's iterator draws its
+    base seed from torch's RNG, which the uninterrupted run did at its start, not here."""
+    it = iter(batches)
+    first = next(it)
+    restore()
+    yield first
+    yield from it
 
 
 def check_finite(loss: torch.Tensor, step: int, last_good: int | None, where: str) -> None:
@@ -104,8 +140,10 @@ class LocalContext:
             append = True
         return JsonlLogger(path, append=append)
 
-    def checkpoint(self, tag: str, metrics: dict, files: dict, meta: dict, stepper=None) -> None:
-        """Write each of ``files`` {name: checkpoint dict} into the stage folder (atomically)."""
+    def checkpoint(self, tag: str, metrics: dict, files: dict, meta: dict, stepper=None,
+                   rank_state: dict | None = None) -> None:
+        """Write each of ``files`` {name: checkpoint dict} into the stage folder (atomically); the
+        one rank's RNG state travels inside them."""
         for name, obj in files.items():
             if obj is not None:
                 write_checkpoint(obj, self.out_dir / name)
