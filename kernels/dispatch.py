@@ -125,11 +125,13 @@ def _fall_back(op: str, where: str, exc: BaseException) -> None:
 
 class _GuardedBackward(torch.autograd.Function):
     """Runs a Triton op whose backward launch may fail; on failure the gradients come from the
-    reference (recomputed from the saved inputs) and the op is marked broken.
+    reference (recomputed from the inputs) and the op is marked broken.
 
     The Triton op runs under ``enable_grad`` on detached aliases of the inputs, so its own graph is
-    kept (saved for backward: freed with the outer graph) and ``backward`` differentiates it with
-    ``torch.autograd.grad``. Not twice differentiable (neither are the Triton kernels)."""
+    kept (on ``ctx``, not ``save_for_backward``: the returned tensor shares its storage, and an
+    in-place edit of it must not look like a failed launch) and ``backward`` differentiates it
+    with ``torch.autograd.grad``. It holds nothing beyond what the Triton op's own graph saves.
+    Not twice differentiable (neither are the Triton kernels)."""
 
     @staticmethod
     def forward(ctx, op, triton_fn, ref_fn, *args):
@@ -137,31 +139,26 @@ class _GuardedBackward(torch.autograd.Function):
         inner = [a.detach().requires_grad_() if i in grad_idx else a for i, a in enumerate(args)]
         with torch.enable_grad():
             out = triton_fn(*inner)
-        ctx.op, ctx.ref_fn, ctx.grad_idx = op, ref_fn, grad_idx
-        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        ctx.save_for_backward(out, *[inner[i] for i in ctx.tensor_idx])
+        ctx.op, ctx.ref_fn, ctx.grad_idx, ctx.inner, ctx.out = op, ref_fn, grad_idx, inner, out
         return out.detach()
 
     @staticmethod
     def backward(ctx, g):
-        out, *tensors = ctx.saved_tensors
-        args = list(ctx.others)
-        for i, t in zip(ctx.tensor_idx, tensors):
-            args[i] = t
+        args, out = ctx.inner, ctx.out
         wrt = [args[i] for i in ctx.grad_idx]
-        try:
-            # retain_graph: the inner graph is freed with this node's saved tensors, so a second
-            # backward through a retained outer graph works as it would without the guard.
-            grads = torch.autograd.grad(out, wrt, g, retain_graph=True, allow_unused=True)
-        except Exception as exc:  # launch/compile failure of a backward kernel
-            _fall_back(ctx.op, "backward", exc)
-            with torch.enable_grad():
-                ref_args = list(args)
-                for i in ctx.grad_idx:
-                    ref_args[i] = args[i].detach().requires_grad_()
-                ref_out = ctx.ref_fn(*ref_args)
-                grads = torch.autograd.grad(ref_out, [ref_args[i] for i in ctx.grad_idx], g, allow_unused=True)
+        if not out.requires_grad:  # e.g. an empty query set: nothing flows back
+            grads = [None] * len(wrt)
+        else:
+            try:
+                # retain_graph: a second backward through a retained outer graph works as it
+                # would without the guard; the inner graph is freed with this node.
+                grads = torch.autograd.grad(out, wrt, g, retain_graph=True, allow_unused=True)
+            except Exception as exc:  # launch/compile failure of a backward kernel
+                _fall_back(ctx.op, "backward", exc)
+                with torch.enable_grad():
+                    ref_args = [a.detach().requires_grad_() if i in ctx.grad_idx else a for i, a in enumerate(args)]
+                    ref_out = ctx.ref_fn(*ref_args)
+                    grads = torch.autograd.grad(ref_out, [ref_args[i] for i in ctx.grad_idx], g, allow_unused=True)
         result = [None] * len(args)
         for i, gr in zip(ctx.grad_idx, grads):
             result[i] = gr

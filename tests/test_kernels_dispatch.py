@@ -237,6 +237,29 @@ def test_guarded_backward_without_failure_is_the_triton_gradient(monkeypatch):
     assert not dispatch._broken
 
 
+def test_guard_is_not_fooled_by_inplace_edits_or_empty_queries(monkeypatch):
+    """An in-place edit of the returned tensor, or an op whose output needs no gradient (no query
+    token), is not a launch failure: no fallback, nothing marked broken."""
+    dev = _triton_device()
+    if dev.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x0, eps, sab, s1, present, emb, cm = (t.to(dev) for t in _denoise_args())
+    emb.requires_grad_()
+    out = dispatch._run("noise_and_mask", "triton", md.noise_and_mask_triton, md.noise_and_mask_ref,
+                        x0, eps, sab, s1, present, emb, cm)
+    out.mul_(2.0)  # an in-place edit downstream
+    got, = torch.autograd.grad(out.sum(), emb)
+    want, = torch.autograd.grad(md.noise_and_mask_ref(x0, eps, sab, s1, present, emb, cm).mul(2.0).sum(), emb)
+    torch.testing.assert_close(got, want)
+    q = torch.randn(1, 2, 0, 16, device=dev, requires_grad=True)
+    k = torch.randn(1, 2, 3, 16, device=dev, requires_grad=True)
+    out = dispatch._run("cross_attention", "triton", dispatch._ca.cross_attention_triton,
+                        dispatch._ca.cross_attention_ref, q, k, k, None)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert not dispatch._broken
+
+
 def test_forced_triton_lets_a_backward_failure_raise(monkeypatch):
     """BDGF_KERNELS=triton never falls back: the failing backward launch raises."""
     from kernels import tl_cross_attention as K
