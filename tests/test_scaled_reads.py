@@ -197,3 +197,54 @@ def test_counting_store_counts_chunk_objects_not_metadata(stores):
     assert counter.reads == 3 and counter.bytes > 0
     scene.read_window(CHUNK - 1, CHUNK - 1, 2, 2)  # a 2x2 window on a 4-chunk corner
     assert counter.reads == 3 + 12
+
+
+LOG_WORKER = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+from bdgf.config import RunConfig
+from bdgf.engine.loop import TorchStepper
+from bdgf.engine.pretrain import build_denoiser, pretrain_loop
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+torch.set_num_threads(1)
+cfg = RunConfig().with_overrides({"pretrain.tile_size": 16,
+                                  "pretrain.unet": {"base_channels": 8, "channel_mults": [1, 2, 2]}}).pretrain
+torch.manual_seed(0)
+model, schedule, masking = build_denoiser(cfg, [3, 1])
+tiles = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(100 + rank)) * (1 + 3 * rank)
+recs = []
+stepper = TorchStepper(model, torch.optim.SGD(model.parameters(), lr=0.0))
+local = pretrain_loop(model, schedule, masking, iter([tiles] * 2), stepper, steps=2,
+                      channel_modality=torch.tensor([0, 0, 0, 1]), modality_names=["hsi", "lidar"],
+                      generator=torch.Generator().manual_seed(rank), log_every=1, on_log=recs.append)
+print(json.dumps({"local": local, "logged": recs[-1]}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_logged_loss_is_the_mean_over_ranks(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", LOG_WORKER, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=tmp_path) for r in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    a, b = outs
+    assert abs(a["local"]["loss"] - b["local"]["loss"]) > 1e-3  # the ranks' micro-batches differ
+    for key in ("loss", "loss/hsi", "loss/lidar", "t_mean"):
+        want = (a["local"][key] + b["local"][key]) / 2
+        assert a["logged"][key] == pytest.approx(want, rel=1e-6) and b["logged"][key] == pytest.approx(want, rel=1e-6)
