@@ -30,7 +30,7 @@ from bdgf.diffusion.masking import AdaptiveModalityMasking, MaskingConfig
 from bdgf.diffusion.schedules import NoiseSchedule, ScheduleConfig
 from bdgf.diffusion.step import diffusion_training_step, unwrap_model
 from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
-from bdgf.engine.loop import LocalContext, TorchStepper, check_finite, cycle
+from bdgf.engine.loop import LocalContext, TorchStepper, check_finite, cycle, restore_rng, restored_stream, rng_state
 from bdgf.errors import BDGFError
 from bdgf.progress import Progress
 from bdgf.run import Run, read_checkpoint, read_jsonl
@@ -51,8 +51,10 @@ def build_denoiser(cfg: PretrainConfig, bands: list[int]) -> tuple[DenoiserUNet,
 
 
 def denoiser_checkpoint(model, schedule, masking, stepper, step: int, cfg: PretrainConfig,
-                        modality_names: list[str], bands: list[int]) -> dict:
-    """The denoiser checkpoint dict (the format ``Run.load_denoiser`` reads)."""
+                        modality_names: list[str], bands: list[int], rng: dict | None = None) -> dict:
+    """The denoiser checkpoint dict (the format ``Run.load_denoiser`` reads); ``rng``: the
+    writing rank's random streams (:func:`~bdgf.engine.loop.rng_state`, with its ``world``), so a
+    ``--resume`` of the same world size continues them exactly."""
     bare = unwrap_model(model)
     state = stepper.state_dict() if stepper is not None else None
     return {
@@ -65,11 +67,13 @@ def denoiser_checkpoint(model, schedule, masking, stepper, step: int, cfg: Pretr
         "config": asdict(cfg),
         "modality_names": list(modality_names),
         "bands": list(bands),
+        "rng": rng,
     }
 
 
 def pretrain_signature(cfg: PretrainConfig, names: list[str], bands: list[int]) -> dict:
-    """What a resumable checkpoint must match: model, data layout and the settings of the loop."""
+    """What a resumable checkpoint must match: model, data layout and the settings of the loop
+    (a distributed launch adds the job's identity: run dir, stores, world size)."""
     model, _, _ = build_denoiser(cfg, bands)
     return {"stage": "pretrain", "unet_config": json.loads(json.dumps(asdict(model.config))),
             "modalities": list(names), "bands": list(bands), "schedule": dict(cfg.schedule),
@@ -216,16 +220,22 @@ def pretrain_body(job: dict, ctx) -> None:
     bands = [scenes[0].bands[n] for n in names]
     torch.manual_seed(pc.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
     model, schedule, masking = build_denoiser(pc, bands)
-    start, stepper_state = 0, None
-    if job.get("init_from"):  # continue a run's denoiser.pt (weights, masking, step, optimiser)
+    start, stepper_state, rng = 0, None, None
+    if job.get("init_from"):  # continue a run's denoiser.pt (weights, masking, step, optimiser, RNG)
         state = read_checkpoint(job["init_from"], "denoiser checkpoint")
         model.load_state_dict(state["model"])
         masking.load_state_dict(state["masking"])
         start, stepper_state = int(state["step"]), state.get("stepper")
+        saved = state.get("rng") or {}
+        if saved.get("world") == ctx.world == 1:  # one process wrote every stream there is
+            rng = saved
     optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
     engine, stepper = ctx.make_stepper(model, optimizer, pc.grad_clip)
     if stepper_state and isinstance(stepper, TorchStepper):
         stepper.load_state_dict(stepper_state)
+    elif job.get("init_from") and start:
+        log.warning("rank %d: %s holds no optimiser state this %s engine can load; the optimiser starts afresh",
+                    ctx.rank, job["init_from"], ctx.engine)
 
     restored_log = ""
     local, meta = ctx.restore(job["signature"])
@@ -234,14 +244,27 @@ def pretrain_body(job: dict, ctx) -> None:
         masking.load_state_dict(state["masking"])
         stepper.load(local / "engine")
         start = int(state["step"])
+        mine = local / f"rng_rank{ctx.rank}.pt"
+        rng = read_checkpoint(mine, "RNG state") if mine.exists() else None
         restored_log = (local / "log.jsonl").read_text() if (local / "log.jsonl").exists() else ""
         log.warning("rank %d: resumed from the checkpoint of step %d", ctx.rank, start)
         ctx.note_restart({"resumed_from_step": start})
     if start >= pc.steps:
         return
 
-    loader, generator = tile_batches(job["stores"], pc, micro_batch=int(job["micro_batch"]), rank=ctx.rank,
-                                     world=ctx.world, start=start)
+    micro = int(job["micro_batch"])
+    # The tile stream of an uninterrupted run (a pure function of seed and rank), from where it stopped.
+    loader, generator = tile_batches(job["stores"], pc, micro_batch=micro, rank=ctx.rank, world=ctx.world)
+    if start:
+        order = list(iter(loader.sampler))[start * micro:]
+        loader = DataLoader(loader.dataset, batch_size=micro, sampler=order, drop_last=True)
+    batches = cycle(loader)
+    if rng is not None:
+        batches = restored_stream(batches, lambda: restore_rng(rng, {"augment": generator}))
+    elif start:
+        generator.manual_seed(pc.seed + start + 1_000_003 * ctx.rank)
+        log.warning("rank %d: no saved RNG state for this world size; random streams reseeded from "
+                    "(seed, rank, step %d): consistent, not bit-exact", ctx.rank, start)
     logger = ctx.logger("log.jsonl", restored_log, append=start > 0) if ctx.rank == 0 else None
     last: dict = {}
 
@@ -253,11 +276,14 @@ def pretrain_body(job: dict, ctx) -> None:
             logger(rec)
 
     def on_checkpoint(step: int) -> None:
+        streams = rng_state({"augment": generator}, world=ctx.world, rank=ctx.rank, step=step)
         files = {}
         if ctx.rank == 0:
-            files["denoiser.pt"] = denoiser_checkpoint(engine, schedule, masking, stepper, step, pc, names, bands)
+            files["denoiser.pt"] = denoiser_checkpoint(engine, schedule, masking, stepper, step, pc, names, bands,
+                                                       rng=streams)
         ctx.checkpoint(f"checkpoint_step{step:08d}", {**last, "step": step}, files,
-                       {"stage": "pretrain", "step": step, "signature": job["signature"]}, stepper=stepper)
+                       {"stage": "pretrain", "step": step, "signature": job["signature"], "final": step >= pc.steps},
+                       stepper=stepper, rank_state=streams)
 
     from bdgf.distributed.faults import fault_injection  # noqa: PLC0415 - tests only, no Ray import
 
@@ -268,7 +294,7 @@ def pretrain_body(job: dict, ctx) -> None:
         synced = SyncedMasking(masking)
     try:
         pretrain_loop(
-            engine, schedule, synced, fault_injection(cycle(loader), start, ctx.rank, job.get("fault")), stepper,
+            engine, schedule, synced, fault_injection(batches, start, ctx.rank, job.get("fault")), stepper,
             steps=pc.steps, channel_modality=torch.as_tensor(scenes[0].channel_modality), modality_names=names,
             loss_kind=pc.loss_kind, generator=generator, start_step=start, log_every=pc.log_every, on_log=on_log,
             checkpoint_every=pc.checkpoint_every, on_checkpoint=on_checkpoint, progress=bool(job.get("progress")),
@@ -287,13 +313,16 @@ def pretrain_body(job: dict, ctx) -> None:
 def pretrain(stores: str | Path | Sequence[str | Path], run_dir: str | Path, config: RunConfig | None = None, *,
              resume: bool = False, overwrite: bool = False, progress: bool = True, workers: int = 0,
              address: str | None = None, storage: str | None = None, max_failures: int | None = None,
-             ds_config: str | None = None) -> PretrainSummary:
+             ds_config: str | None = None, device: str = "auto") -> PretrainSummary:
     """Pretrain the denoiser on one or more scene stores (of one band layout) into ``run_dir``.
 
     ``workers=0`` runs here; ``workers=N`` runs on N Ray Train workers (DeepSpeed inside each) of
     the cluster at ``address`` (default: RAY_ADDRESS, else a local Ray). Everything that can be
     checked is checked before anything is written or launched. ``resume`` continues the run's
-    ``pretrain/denoiser.pt``; ``overwrite`` starts over (every old stage output is removed).
+    ``pretrain/denoiser.pt`` (weights, optimiser, masking and, for one process, its random
+    streams); ``overwrite`` starts over (every old stage output is removed, and this run's Ray
+    experiments in ``storage``). ``device`` "auto" | "cpu" | "gpu": "auto" takes a GPU where the
+    work runs has one (the cluster's resources, or this machine's with ``workers=0``).
     """
     paths = [str(Path(s).resolve()) for s in ([stores] if isinstance(stores, (str, os.PathLike)) else stores)]
     scenes = open_stores(paths, where="driver")
@@ -313,10 +342,18 @@ def pretrain(stores: str | Path | Sequence[str | Path], run_dir: str | Path, con
 
         launch = prepare_launch("pretrain", run, name="pretrain", workers=workers, address=address,
                                 micro_batch=pc.batch_size, grad_clip=pc.grad_clip, ds_config=ds_config,
-                                storage=storage, max_failures=max_failures, signature=signature, fresh=overwrite)
-        job.update(micro_batch=launch.micro_batch, progress=False)
+                                storage=storage, max_failures=max_failures, signature=signature, fresh=overwrite,
+                                stores=paths, out="pretrain", device=device)
+        job.update(micro_batch=launch.micro_batch, progress=False, signature=launch.signature)
+        choice = (launch.device, launch.device_reason)
         if launch.continuing:  # a restarted job: Ray Train's checkpoint, not denoiser.pt, is the state
             job["init_from"] = None
+    else:
+        from bdgf.distributed.launch import local_device  # noqa: PLC0415 - no Ray import at module level
+
+        c = local_device(device)
+        choice = (c.device, c.reason)
+        log.info("device: %s (%s)", *choice)
     if continuing or (launch is not None and launch.continuing):
         run.check_scene(scenes[0])
         config.save(run.config_path)
@@ -326,7 +363,8 @@ def pretrain(stores: str | Path | Sequence[str | Path], run_dir: str | Path, con
 
     t0 = time.perf_counter()
     if launch is None:
-        pretrain_body(job, LocalContext(run.stage_dir("pretrain"), progress=progress))
+        pretrain_body(job, LocalContext(run.stage_dir("pretrain"), "cuda" if choice[0] == "gpu" else "cpu",
+                                        progress=progress))
         engine, checkpoint = "torch", None
     else:
         checkpoint = launch.fit(pretrain_body, job, out_dir=run.stage_dir("pretrain"))
@@ -354,6 +392,8 @@ def pretrain(stores: str | Path | Sequence[str | Path], run_dir: str | Path, con
         workers=max(workers, 1),
         engine=engine,
         checkpoint=checkpoint,
+        device=choice[0],
+        device_reason=choice[1],
     )
     run.record("pretrain", summary.to_dict())
     return summary
