@@ -142,6 +142,16 @@ def test_memory_cache_equals_lazy(store):
             assert torch.equal(a[k], b[k]), (i, k)
 
 
+def test_auto_cache_follows_the_byte_budget(store, monkeypatch):
+    need = PatchDataset(store["path"], "train", patch_size=P, features=["low"], cache="lazy").cache_bytes()
+    assert PatchDataset(store["path"], "train", patch_size=P, features=["low"], cache_bytes=need).cache == "memory"
+    small = PatchDataset(store["path"], "train", patch_size=P, features=["low"], cache_bytes=need - 1)
+    assert small.cache == "lazy"
+    monkeypatch.setenv("BDGF_CACHE_BYTES", str(need - 1))  # the process-wide budget TileDataset uses too
+    assert PatchDataset(store["path"], "train", patch_size=P, features=["low"]).cache == "lazy"
+    assert PatchDataset(store["path"], "train", patch_size=P, features=None).cache == "memory"  # fewer bytes
+
+
 def test_memory_equals_lazy_on_grid_smaller_than_patch(tmp_path):
     hsi, lidar = _raw(3, h=4, w=3)
     lab = np.array([[1, 0, 2], [0, 1, 0], [2, 0, 0], [0, 0, 1]], np.uint16)

@@ -44,7 +44,6 @@ import numpy as np
 import torch
 from zarr.storage import LocalStore, WrapperStore
 
-from bdgf.data.patches import shard_indices
 from bdgf.data.scene import Scene
 
 __all__ = ["DEFAULT_CACHE_BYTES", "VALID_CHUNKS", "cache_budget", "scene_bytes", "chunk_bytes", "CountingStore",
@@ -261,6 +260,8 @@ def chunk_shard(keys: Sequence[np.ndarray], rank: int, world: int, seed: int = 0
 
 def fallback_shard(n: int, rank: int, world: int, seed: int) -> np.ndarray:
     """Tile-level shard (``shard_indices``), for scenes with fewer chunks than ranks."""
+    from bdgf.data.patches import shard_indices  # noqa: PLC0415 - patches imports this module
+
     return shard_indices(n, rank, world, seed=seed, shuffle=True)
 
 

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bdgf.data.chunks import DEFAULT_CACHE_BYTES, cache_budget
 from bdgf.data.scene import Scene, pad_block
 from bdgf.errors import InputError, StoreError
 
@@ -40,9 +41,11 @@ __all__ = ["labelled_pixels", "shard_indices", "PatchDataset", "MEMORY_CACHE_MAX
 
 DEFAULT_FEATURES = ("low", "mid", "high")
 #: ``cache="auto"`` keeps the whole normalised scene (plus requested features, as float16) in
-#: memory when it takes at most this many bytes -- per DataLoader worker, since each worker
-#: loads its own copy. 512 MiB covers the four benchmarks' modalities; mosaics stay lazy.
-MEMORY_CACHE_MAX_BYTES = 512 * 2**20
+#: memory when it takes at most the per-process budget (``cache_bytes``, else
+#: ``$BDGF_CACHE_BYTES``, else this many bytes: :func:`bdgf.data.chunks.cache_budget`, the same
+#: budget ``TileDataset`` uses) -- per DataLoader worker, since each worker loads its own copy.
+#: 512 MiB covers the four benchmarks' modalities; mosaics stay lazy.
+MEMORY_CACHE_MAX_BYTES = DEFAULT_CACHE_BYTES
 CACHE_MODES = ("auto", "lazy", "memory")
 
 
@@ -119,7 +122,9 @@ class PatchDataset(torch.utils.data.Dataset):
             use in each worker process; nothing scene-sized is held); "memory" loads the
             normalised scene (and features, float16) once per worker and slices it -- the same
             values, much faster for small scenes; "auto" picks "memory" when that takes at most
-            ``MEMORY_CACHE_MAX_BYTES``.
+            ``cache_bytes`` (what it would take: :meth:`cache_bytes`).
+        cache_bytes: the per-process memory budget in bytes for ``cache="auto"``; None:
+            ``$BDGF_CACHE_BYTES``, else ``MEMORY_CACHE_MAX_BYTES`` (512 MiB).
         epoch: initial epoch (see :meth:`set_epoch`).
 
     Item (tensors): "patch" (C, P, P) float32, modalities concatenated in scene order,
@@ -144,6 +149,7 @@ class PatchDataset(torch.utils.data.Dataset):
         shuffle: bool = False,
         cache: str = "auto",
         epoch: int = 0,
+        cache_bytes: int | None = None,
     ):
         if patch_size < 1 or patch_size % 2 == 0:
             raise InputError(f"patch_size must be a positive odd number, got {patch_size}")
@@ -170,6 +176,7 @@ class PatchDataset(torch.utils.data.Dataset):
             raise InputError(f"{self.store_path}: split {split!r} has no labelled valid pixel")
         self.all_coords = coords
         self.all_labels = scene.labels(split)[coords[:, 0], coords[:, 1]] - 1
+        self.cache_budget = cache_budget(cache_bytes)
         self.cache = self._resolve_cache(cache, scene)
         self.set_epoch(epoch)
 
@@ -195,7 +202,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def _resolve_cache(self, cache: str, scene: Scene) -> str:
         if cache != "auto":
             return cache
-        return "memory" if self.cache_bytes(scene) <= MEMORY_CACHE_MAX_BYTES else "lazy"
+        return "memory" if self.cache_bytes(scene) <= self.cache_budget else "lazy"
 
     def cache_bytes(self, scene: Scene | None = None) -> int:
         """Bytes the memory cache takes (padded grid: float32 modalities, float16 features, bool valid)."""
