@@ -99,3 +99,89 @@ def test_resume_without_saved_streams_is_not_exact(store, tmp_path):
     a, b = Run(straight).denoiser_checkpoint(), Run(split).denoiser_checkpoint()
     with pytest.raises(AssertionError, match="weights differ"):
         assert_same_weights(a["model"], b["model"])
+
+
+def test_stage2_patience_counter_carries_over_a_resume():
+    """train_epochs stopped inside its patience window and continued with its saved counters stops
+    at the epoch of an uninterrupted run (a forgotten counter would train patience epochs more)."""
+    from bdgf.config import TrainConfig
+    from bdgf.engine.classify import ModalityView, build_classifier, train_epochs
+    from bdgf.engine.loop import TorchStepper
+    from bdgf.models.inputs import input_channels
+
+    feats = {"low": 2, "mid": 2, "high": 2}
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        y = torch.arange(n) % 2
+        x = 0.3 * (1.0 - 2.0 * y.float())[:, None, None, None] + torch.randn(n, 4, 7, 7, generator=g)
+        b = {"patch": x, "valid": torch.ones(n, 7, 7, dtype=torch.bool), "label": y,
+             "coords": torch.zeros(n, 2, dtype=torch.int64)}
+        b.update({lvl: torch.zeros(n, 2, 7, 7) for lvl in feats})
+        return b
+
+    train_loader, val_loader = [batch(16) for _ in range(4)], [batch(32)]
+
+    def setup():
+        torch.manual_seed(0)
+        model, criterion = build_classifier(TrainConfig(patch_size=7, branches=("cnn",)), input_channels(4, 2), feats, 2)
+        joint = torch.nn.ModuleDict({"m": model, "c": criterion})
+        return model, criterion, TorchStepper(joint, torch.optim.AdamW(joint.parameters(), lr=1e-3)), \
+            ModalityView(["hsi", "lidar"], [0, 0, 0, 1])
+
+    model, criterion, stepper, view = setup()
+    epochs_a: list[int] = []
+    straight = train_epochs(model, criterion, train_loader, val_loader, stepper, view, epochs=300, patience=5,
+                            on_epoch_end=lambda e, b: epochs_a.append(e))
+    assert straight["stopped_early"]
+    cut = straight["epoch"] + 2  # inside the patience window: two epochs without a better one
+
+    model, criterion, stepper, view = setup()
+    counters: dict = {}
+    part = train_epochs(model, criterion, train_loader, val_loader, stepper, view, epochs=cut, patience=5,
+                        counters=counters)
+    assert counters["since_best"] == 2 and not part.get("stopped_early")
+    epochs_b: list[int] = []
+    resumed = train_epochs(model, criterion, train_loader, val_loader, stepper, view, epochs=300, patience=5,
+                           start_epoch=cut, best=part, counters=counters, on_epoch_end=lambda e, b: epochs_b.append(e))
+    assert resumed == straight and epochs_b[-1] == epochs_a[-1]
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 2 on Ray Train: the early stop is part of the checkpoint
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_stage2_resumed_after_its_early_stop_trains_no_further(ray_session, store, tmp_path):
+    """lr 1e-12: val never improves after epoch 1, so patience 1 stops the run after epoch 2 of 6.
+    Resubmitting the same job continues its Ray experiment: it must stop there again, not train
+    epochs 3.. with a patience counter and early-stop flag it forgot."""
+    from bdgf.engine.classify import train
+    from bdgf.engine.features import compute_features
+    from bdgf.engine.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(store, run, tiny_config(steps=4, checkpoint_every=4), progress=False)
+    compute_features(store, run, progress=False)
+    over = {"train.lr": 1e-12, "train.patience": 1, "train.epochs": 6}
+    first = train(store, run, seed=0, overrides=over, workers=2, progress=False)
+    assert first.stopped_early and first.epochs_run == 2 and first.epoch == 1
+    log_path = run / "train" / "seed0" / "log.jsonl"
+    lines = log_path.read_text()
+    again = train(store, run, seed=0, overrides=over, workers=2, progress=False)
+    assert again.stopped_early and again.epochs_run == 2 and again.epoch == 1
+    assert log_path.read_text() == lines  # not one more step
+    restarts = read_jsonl(run / "train" / "seed0" / "restarts.jsonl")
+    assert [r["resumed_after_epoch"] for r in restarts] == [2]  # it did restore the stopped run's checkpoint
