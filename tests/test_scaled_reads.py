@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from torch.utils.data import RandomSampler
 
 from bdgf.config import RunConfig
 from bdgf.data.chunks import (ChunkCachedScene, ChunkWindowSampler, CountingStore, cache_budget, chunk_shard,
@@ -248,3 +249,16 @@ def test_the_logged_loss_is_the_mean_over_ranks(tmp_path):
     for key in ("loss", "loss/hsi", "loss/lidar", "t_mean"):
         want = (a["local"][key] + b["local"][key]) / 2
         assert a["logged"][key] == pytest.approx(want, rel=1e-6) and b["logged"][key] == pytest.approx(want, rel=1e-6)
+
+
+def test_several_stores_share_one_budget(stores, monkeypatch):
+    sizes = [TileDataset(s, TILE).scene_bytes for s in stores]
+    assert sizes[0] > sizes[1]
+    monkeypatch.setenv("BDGF_CACHE_BYTES", str(max(sizes) + 1))  # each store fits alone, not both
+    cfg = RunConfig().with_overrides({"pretrain.tile_size": TILE, "pretrain.steps": 2}).pretrain
+    assert all(d.cache for d in (TileDataset(s, TILE) for s in stores))
+    one, _ = tile_batches([stores[0]], cfg, micro_batch=2)
+    assert one.dataset.cache and isinstance(one.sampler, RandomSampler)
+    both, _ = tile_batches(list(stores), cfg, micro_batch=2)
+    assert not both.dataset.datasets[0].cache and isinstance(both.sampler, ChunkWindowSampler)  # the larger one
+    assert sum(d.cache_bytes for d in both.dataset.datasets) <= max(sizes) + 1

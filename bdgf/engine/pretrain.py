@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Subset
 
 from bdgf.config import PretrainConfig, RunConfig
-from bdgf.data.chunks import ChunkWindowSampler, chunk_shard, fallback_shard
+from bdgf.data.chunks import ChunkWindowSampler, cache_budget, chunk_shard, fallback_shard
 from bdgf.data.stores import open_stores
 from bdgf.data.tiles import TileDataset, random_augment, random_augment_with_valid
 from bdgf.diffusion.masking import AdaptiveModalityMasking, MaskingConfig
@@ -159,13 +159,16 @@ def tile_batches(stores: Sequence[str], cfg: PretrainConfig, *, micro_batch: int
     With ``world > 1`` each rank draws only tiles of the store chunks it owns
     (:func:`bdgf.data.chunks.chunk_shard`: chunks dealt to ranks, deterministic in seed and world;
     tile-level shards when there are fewer chunks than ranks). Scenes that fit the cache budget
+    (the process's budget, :func:`~bdgf.data.chunks.cache_budget`, split evenly over the stores)
     are sampled uniformly with replacement; larger ones chunk-window by chunk-window
     (:class:`~bdgf.data.chunks.ChunkWindowSampler`) so each chunk is read about once per pass.
     The streams are a pure function of (seed, rank, start step), so a resumed run draws fresh
     tiles deterministically. Batches are {"tile" (B, C, T, T), "valid" (B, T, T)}; tiles under
     ``cfg.min_valid_fraction`` valid are never drawn.
     """
-    datasets = [TileDataset(s, cfg.tile_size, min_valid_fraction=cfg.min_valid_fraction) for s in stores]
+    share = cache_budget() // max(len(stores), 1)  # the process's one memory budget, split over the stores
+    datasets = [TileDataset(s, cfg.tile_size, cache_bytes=share, min_valid_fraction=cfg.min_valid_fraction)
+                for s in stores]
     data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     groups = None  # per owned chunk, positions in `data` of its tiles
     if world > 1:
