@@ -104,6 +104,36 @@ def test_pretrain_two_workers_deepspeed(pretrained):
         assert torch.equal(model(x, t, present), ref(x, t, present))
     info = json.loads((run / "run.json").read_text())
     assert info["pretrain"]["steps"] == 24 and len(info["stores"]) == 1
+    # denoiser.pt holds the whole optimiser state as a plain AdamW's: the moments ZeRO partitioned
+    # over the two ranks, gathered; they are DeepSpeed's own shards put back together.
+    opt = ckpt["stepper"]["optimizer"]
+    params = list(model.parameters())
+    assert sorted(opt["state"]) == list(range(len(params)))
+    assert all(opt["state"][i]["exp_avg"].shape == p.shape and float(opt["state"][i]["step"]) == 24
+               for i, p in enumerate(params))
+    shards = [torch.load(ray_ckpt / "engine" / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                         map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"][0]
+              for r in range(2)]
+    for key in ("exp_avg", "exp_avg_sq"):
+        flat = torch.cat([s[key].flatten() for s in shards])
+        ours = torch.cat([opt["state"][i][key].flatten() for i in range(len(params))])
+        assert torch.equal(flat[: ours.numel()], ours), key
+
+
+def test_single_process_resume_of_a_distributed_run_keeps_the_optimiser(pretrained, store, tmp_path, caplog):
+    from bdgf.run import Run
+
+    run, _ = pretrained
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("ray"))
+    cfg = Run(copy).config()
+    cfg.with_overrides({"pretrain.steps": 26}).save(Run(copy).config_path)
+    before = Run(copy).denoiser_checkpoint()["stepper"]["optimizer"]
+    summary = distributed_pretrain(store, copy, None, resume=True)
+    assert summary.steps == 26 and "optimiser starts afresh" not in caplog.text
+    after = Run(copy).denoiser_checkpoint()["stepper"]["optimizer"]
+    assert float(after["state"][0]["step"]) == 26  # 24 restored + 2, not 2 from a fresh optimiser
+    assert not torch.equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
 
 
 def test_classifier_two_workers(pretrained, store):

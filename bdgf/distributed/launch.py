@@ -385,15 +385,13 @@ def prepare_launch(stage: str, run: Run, *, name: str, workers: int, address: st
         raise DistributedConfigError(f"--workers must be >= 1, got {workers}")
     kind = choose_engine()
     where = ds_config or f"bdgf/distributed/configs/deepspeed_{stage}.json"
-    template = load_ds_template(stage, ds_config)
-    resolve_ds_config(template, micro_batch=micro_batch, world_size=workers, grad_clip=grad_clip, cuda=False,
-                      where=where)  # batch sizes against the world size, before connecting anywhere
+    # batch sizes against the world size, before connecting anywhere (precision is settled on the worker)
+    ds = resolve_ds_config(load_ds_template(stage, ds_config), micro_batch=micro_batch, world_size=workers,
+                           grad_clip=grad_clip, where=where)
     if (device or "auto").lower() not in DEVICES:
         raise BDGFError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     probe(address)
     choice = cluster_device(device, address, workers)
-    ds = resolve_ds_config(template, micro_batch=micro_batch, world_size=workers, grad_clip=grad_clip,
-                           cuda=choice.device == "gpu", where=where)
     storage = storage or str(run.ray_storage())
     identity = run_identity(run.path, stores, workers, out)
     signature = {**signature, "identity": identity}

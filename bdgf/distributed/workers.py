@@ -91,6 +91,33 @@ class RayContext:
 
         return make_engine(self.engine, model, optimizer, self.ds_config, self.device)
 
+    def optimizer_state(self, stepper, model) -> dict | None:
+        """Collective (every rank calls it): the whole optimiser state as a plain torch optimiser's
+        ``{"optimizer": state_dict}`` over ``model.parameters()``, whatever the engine partitioned,
+        so that ``denoiser.pt`` can be resumed by a single process too. For ZeRO stage 1/2 every
+        parameter's fp32 moments are gathered from the ranks' partitions (DeepSpeed's
+        ``safe_get_full_optimizer_state``); None where the engine keeps no such state."""
+        plain = stepper.state_dict() if hasattr(stepper, "state_dict") else None
+        if plain is not None or not hasattr(stepper, "engine"):
+            return plain
+        engine, optimizer = stepper.engine, stepper.optimizer
+        if engine.zero_optimization_stage() == 0:  # the torch optimiser itself, the same on every rank
+            return {"optimizer": optimizer.state_dict()}
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = getattr(engine.optimizer, "optimizer", optimizer)
+        steps = [st["step"] for st in base.state.values() if "step" in st]
+        params = list(model.parameters())
+        state = {}
+        for i, prm in enumerate(params):
+            moments = {k: safe_get_full_optimizer_state(prm, k) for k in ("exp_avg", "exp_avg_sq")}
+            if any(v is None for v in moments.values()) or not steps:
+                return None
+            step = steps[0].detach().clone().cpu() if torch.is_tensor(steps[0]) else torch.tensor(float(steps[0]))
+            state[i] = {"step": step, **{k: v.detach().float().cpu().clone() for k, v in moments.items()}}
+        hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        return {"optimizer": {"state": state, "param_groups": [{**hyper, "params": list(range(len(params)))}]}}
+
     def restore(self, signature: dict) -> tuple[Path | None, dict | None]:
         """(local copy of Ray Train's latest checkpoint, its meta), or (None, None)."""
         import ray.train

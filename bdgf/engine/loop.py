@@ -127,6 +127,10 @@ class LocalContext:
         model = model.to(self.device)
         return model, TorchStepper(model, optimizer, grad_clip)
 
+    def optimizer_state(self, stepper, model) -> dict | None:
+        """The stepper's plain optimiser state (for ``denoiser.pt``)."""
+        return stepper.state_dict()
+
     def restore(self, signature: dict) -> tuple[Path | None, dict | None]:
         """A single process has no checkpoint service to resume from (``--resume`` reads the
         run's own files instead): always (None, None)."""

@@ -51,12 +51,14 @@ def build_denoiser(cfg: PretrainConfig, bands: list[int]) -> tuple[DenoiserUNet,
 
 
 def denoiser_checkpoint(model, schedule, masking, stepper, step: int, cfg: PretrainConfig,
-                        modality_names: list[str], bands: list[int], rng: dict | None = None) -> dict:
+                        modality_names: list[str], bands: list[int], rng: dict | None = None,
+                        stepper_state: dict | None = None) -> dict:
     """The denoiser checkpoint dict (the format ``Run.load_denoiser`` reads); ``rng``: the
     writing rank's random streams (:func:`~bdgf.engine.loop.rng_state`, with its ``world``), so a
-    ``--resume`` of the same world size continues them exactly."""
+    ``--resume`` of the same world size continues them exactly. ``stepper_state``: the plain
+    optimiser state when the caller gathered it (a partitioned engine's), else the stepper's own."""
     bare = unwrap_model(model)
-    state = stepper.state_dict() if stepper is not None else None
+    state = stepper_state if stepper_state is not None else (stepper.state_dict() if stepper is not None else None)
     return {
         "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
         "unet_config": asdict(bare.config),
@@ -280,10 +282,11 @@ def pretrain_body(job: dict, ctx) -> None:
 
     def on_checkpoint(step: int) -> None:
         streams = rng_state({"augment": generator}, world=ctx.world, rank=ctx.rank, step=step)
+        plain = ctx.optimizer_state(stepper, model)  # collective: every rank takes part in the gather
         files = {}
         if ctx.rank == 0:
             files["denoiser.pt"] = denoiser_checkpoint(engine, schedule, masking, stepper, step, pc, names, bands,
-                                                       rng=streams)
+                                                       rng=streams, stepper_state=plain)
         ctx.checkpoint(f"checkpoint_step{step:08d}", {**last, "step": step}, files,
                        {"stage": "pretrain", "step": step, "signature": job["signature"], "final": step >= pc.steps},
                        stepper=stepper, rank_state=streams)
@@ -352,11 +355,13 @@ def pretrain(stores: str | Path | Sequence[str | Path], run_dir: str | Path, con
         if launch.continuing:  # a restarted job: Ray Train's checkpoint, not denoiser.pt, is the state
             job["init_from"] = None
     else:
-        from bdgf.distributed.launch import local_device  # noqa: PLC0415 - no Ray import at module level
+        from bdgf.distributed.launch import clear_run_storage, local_device  # noqa: PLC0415 - no Ray import
 
         c = local_device(device)
         choice = (c.device, c.reason)
         log.info("device: %s (%s)", *choice)
+        if overwrite and storage:  # this run's old Ray experiments go too, wherever they are
+            clear_run_storage(storage, run.path)
     if continuing or (launch is not None and launch.continuing):
         run.check_scene(scenes[0])
         config.save(run.config_path)
