@@ -187,3 +187,20 @@ def test_two_runs_sharing_a_storage_do_not_share_checkpoints(ray_session, stores
     assert Path(a.checkpoint).parent != Path(b.checkpoint).parent
     assert state_hash(Run(tmp_path / "a").denoiser_checkpoint()["model"]) != \
         state_hash(Run(tmp_path / "b").denoiser_checkpoint()["model"])
+
+
+def test_cli_device_option_errors_are_one_line_before_anything_is_written(stores, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from bdgf.cli import app
+
+    runner = CliRunner()
+    for stage in ("pretrain", "features", "train"):
+        assert "--device" in runner.invoke(app, [stage, "--help"]).output
+    bad = runner.invoke(app, ["pretrain", str(stores[0]), "--out", str(tmp_path / "run"), "--device", "tpu"])
+    assert bad.exit_code == 2 and bad.output.strip() == "error: --device must be one of auto, cpu, gpu, got 'tpu'"
+    if not torch.cuda.is_available():
+        no_gpu = runner.invoke(app, ["pretrain", str(stores[0]), "--out", str(tmp_path / "run"), "--device", "gpu"])
+        assert no_gpu.exit_code == 2 and "--device gpu: this machine has no GPU" in no_gpu.output
+    assert not (tmp_path / "run").exists()
