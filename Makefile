@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_masking.py --preset imbalance
 	$(BIN)/python benchmarks/bench_masking.py --preset hard
 	$(BIN)/python benchmarks/bench_val_split.py
+	$(BIN)/python benchmarks/bench_reads.py
 	$(BIN)/python benchmarks/bench_stages.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_ablation.py --results benchmarks/RESULTS.md
