@@ -66,7 +66,8 @@ def test_single_process_resume_continues_exactly(store, tmp_path):
     split = tmp_path / "split"
     pretrain(store, split, tiny_config(steps=12), progress=False)
     first = Run(split).denoiser_checkpoint()
-    assert first["step"] == 12 and first["rng"]["world"] == 1 and first["stepper"]["optimizer"]["state"]
+    assert first["step"] == 12 and first["rng"]["world"] == 1 and len(first["rng_ranks"]) == 1
+    assert first["stepper"]["optimizer"]["state"]
     extend(split, 16)
     s = pretrain(store, split, None, resume=True, progress=False)
     assert s.steps == 16
@@ -93,7 +94,7 @@ def test_resume_without_saved_streams_is_not_exact(store, tmp_path):
     split = tmp_path / "split"
     pretrain(store, split, tiny_config(steps=12), progress=False)
     ckpt = Run(split).denoiser_checkpoint()
-    write_checkpoint({**ckpt, "rng": None}, Run(split).denoiser_path)
+    write_checkpoint({**ckpt, "rng": None, "rng_ranks": None}, Run(split).denoiser_path)
     extend(split, 16)
     pretrain(store, split, None, resume=True, progress=False)
     a, b = Run(straight).denoiser_checkpoint(), Run(split).denoiser_checkpoint()

@@ -118,6 +118,49 @@ class RayContext:
         hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         return {"optimizer": {"state": state, "param_groups": [{**hyper, "params": list(range(len(params)))}]}}
 
+    def load_optimizer_state(self, stepper, model, plain: dict) -> bool:
+        """Put a plain torch optimiser state (``{"optimizer": state_dict}`` over
+        ``model.parameters()``, as :meth:`optimizer_state` or a single process writes it) into this
+        rank's engine: whole for DDP or ZeRO stage 0, this rank's partition of every moment for
+        ZeRO stage 1/2. False (nothing loaded) where it does not fit the model."""
+        state = (plain or {}).get("optimizer") or {}
+        params = list(model.parameters())
+        moments = state.get("state") or {}
+        if not moments or any(int(i) >= len(params) or moments[i]["exp_avg"].shape != params[int(i)].shape
+                              for i in moments):
+            return False
+        if not hasattr(stepper, "engine"):  # DDP: the plain torch optimiser
+            stepper.load_state_dict(plain)
+            return True
+        engine, optimizer = stepper.engine, stepper.optimizer
+        if engine.zero_optimization_stage() == 0:
+            optimizer.load_state_dict(state)
+            return True
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+
+        zero = engine.optimizer
+        base = zero.optimizer
+        step = next(iter(moments.values()))["step"]
+        for flat in zero.single_partition_of_fp32_groups:  # the state AdamW creates at its first step
+            base.state[flat] = {"step": step.detach().clone().cpu() if torch.is_tensor(step) else torch.tensor(float(step)),
+                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(group, flat, base.state)
+        zero._hp_optimizer_states_linked = True
+        for i, prm in enumerate(params):
+            if i in moments:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(prm, moments[i][key].to(prm.device, torch.float32), key)
+        return True
+
+    def gather(self, obj) -> list:
+        """Collective: every rank's ``obj``, in rank order."""
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def restore(self, signature: dict) -> tuple[Path | None, dict | None]:
         """(local copy of Ray Train's latest checkpoint, its meta), or (None, None)."""
         import ray.train

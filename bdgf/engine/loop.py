@@ -131,6 +131,17 @@ class LocalContext:
         """The stepper's plain optimiser state (for ``denoiser.pt``)."""
         return stepper.state_dict()
 
+    def load_optimizer_state(self, stepper, model, plain: dict) -> bool:
+        """Load a plain optimiser state into the stepper (True) when it has one."""
+        if not (plain or {}).get("optimizer"):
+            return False
+        stepper.load_state_dict(plain)
+        return True
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``: here only this one."""
+        return [obj]
+
     def restore(self, signature: dict) -> tuple[Path | None, dict | None]:
         """A single process has no checkpoint service to resume from (``--resume`` reads the
         run's own files instead): always (None, None)."""

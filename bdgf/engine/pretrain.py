@@ -30,7 +30,7 @@ from bdgf.diffusion.masking import AdaptiveModalityMasking, MaskingConfig
 from bdgf.diffusion.schedules import NoiseSchedule, ScheduleConfig
 from bdgf.diffusion.step import diffusion_training_step, unwrap_model
 from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
-from bdgf.engine.loop import LocalContext, TorchStepper, check_finite, cycle, restore_rng, restored_stream, rng_state
+from bdgf.engine.loop import LocalContext, check_finite, cycle, restore_rng, restored_stream, rng_state
 from bdgf.errors import BDGFError
 from bdgf.progress import Progress
 from bdgf.run import Run, read_checkpoint, read_jsonl
@@ -231,16 +231,16 @@ def pretrain_body(job: dict, ctx) -> None:
         model.load_state_dict(state["model"])
         masking.load_state_dict(state["masking"])
         start, stepper_state = int(state["step"]), state.get("stepper")
-        saved = state.get("rng") or {}
-        if saved.get("world") == ctx.world == 1:  # one process wrote every stream there is
-            rng = saved
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == ctx.world:  # written by a run of this world size: every rank's streams
+            rng = ranks[ctx.rank]
+        elif (state.get("rng") or {}).get("world") == ctx.world == 1:
+            rng = state["rng"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
     engine, stepper = ctx.make_stepper(model, optimizer, pc.grad_clip)
-    if stepper_state and isinstance(stepper, TorchStepper):
-        stepper.load_state_dict(stepper_state)
-    elif job.get("init_from") and start:
-        log.warning("rank %d: %s holds no optimiser state this %s engine can load; the optimiser starts afresh",
-                    ctx.rank, job["init_from"], ctx.engine)
+    if job.get("init_from") and start and not ctx.load_optimizer_state(stepper, model, stepper_state):
+        log.warning("rank %d: %s holds no optimiser state for this model; the optimiser starts afresh",
+                    ctx.rank, job["init_from"])
 
     restored_log = ""
     local, meta = ctx.restore(job["signature"])
@@ -282,11 +282,12 @@ def pretrain_body(job: dict, ctx) -> None:
 
     def on_checkpoint(step: int) -> None:
         streams = rng_state({"augment": generator}, world=ctx.world, rank=ctx.rank, step=step)
-        plain = ctx.optimizer_state(stepper, model)  # collective: every rank takes part in the gather
+        plain = ctx.optimizer_state(stepper, model)  # collective: every rank takes part in the gathers
+        every = ctx.gather(streams)
         files = {}
         if ctx.rank == 0:
-            files["denoiser.pt"] = denoiser_checkpoint(engine, schedule, masking, stepper, step, pc, names, bands,
-                                                       rng=streams, stepper_state=plain)
+            files["denoiser.pt"] = {**denoiser_checkpoint(engine, schedule, masking, stepper, step, pc, names, bands,
+                                                          rng=streams, stepper_state=plain), "rng_ranks": every}
         ctx.checkpoint(f"checkpoint_step{step:08d}", {**last, "step": step}, files,
                        {"stage": "pretrain", "step": step, "signature": job["signature"], "final": step >= pc.steps},
                        stepper=stepper, rank_state=streams)
