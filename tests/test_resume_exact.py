@@ -165,17 +165,25 @@ def ray_session():
         ray.shutdown()
 
 
-def test_stage2_resumed_after_its_early_stop_trains_no_further(ray_session, store, tmp_path):
+@pytest.fixture(scope="module")
+def featured(store, tmp_path_factory):
+    """A run with a (briefly) pretrained denoiser whose features are cached in ``store``."""
+    from bdgf.engine.features import compute_features
+    from bdgf.engine.pretrain import pretrain
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    pretrain(store, run, tiny_config(steps=4, checkpoint_every=4), progress=False)
+    compute_features(store, run, progress=False)
+    return run
+
+
+def test_stage2_resumed_after_its_early_stop_trains_no_further(ray_session, featured, store):
     """lr 1e-12: val never improves after epoch 1, so patience 1 stops the run after epoch 2 of 6.
     Resubmitting the same job continues its Ray experiment: it must stop there again, not train
     epochs 3.. with a patience counter and early-stop flag it forgot."""
     from bdgf.engine.classify import train
-    from bdgf.engine.features import compute_features
-    from bdgf.engine.pretrain import pretrain
 
-    run = tmp_path / "run"
-    pretrain(store, run, tiny_config(steps=4, checkpoint_every=4), progress=False)
-    compute_features(store, run, progress=False)
+    run = featured
     over = {"train.lr": 1e-12, "train.patience": 1, "train.epochs": 6}
     first = train(store, run, seed=0, overrides=over, workers=2, progress=False)
     assert first.stopped_early and first.epochs_run == 2 and first.epoch == 1
@@ -186,3 +194,31 @@ def test_stage2_resumed_after_its_early_stop_trains_no_further(ray_session, stor
     assert log_path.read_text() == lines  # not one more step
     restarts = read_jsonl(run / "train" / "seed0" / "restarts.jsonl")
     assert [r["resumed_after_epoch"] for r in restarts] == [2]  # it did restore the stopped run's checkpoint
+
+
+def test_stage2_killed_worker_resumes_exactly(ray_session, featured, store, tmp_path, monkeypatch):
+    """A Stage-2 worker SIGKILLed in epoch 2: the group restarts after epoch 1 and ends with the
+    classifier, the val figures and the log of the uninterrupted run of the same seed."""
+    from bdgf.distributed.faults import FAULT_ENV
+    from bdgf.engine.classify import train
+
+    run = featured
+    over = {"train.epochs": 3, "train.selection": "last"}
+    straight = train(store, run, seed=3, overrides=over, workers=2, progress=False, out_dir=tmp_path / "straight")
+    recs = read_jsonl(tmp_path / "straight" / "log.jsonl")
+    per_epoch = max(r["step"] for r in recs if r.get("epoch") == 1 and "step" in r)
+    marker = tmp_path / "killed.marker"
+    monkeypatch.setenv(FAULT_ENV, f"{per_epoch + 1}:{marker}:1")  # rank 1, first step of epoch 2
+    killed = train(store, run, seed=3, overrides=over, workers=2, progress=False, out_dir=tmp_path / "killed")
+    assert marker.exists(), "the worker was not killed"
+    assert [r["resumed_after_epoch"] for r in read_jsonl(tmp_path / "killed" / "restarts.jsonl")] == [1]
+    a = torch.load(tmp_path / "straight" / "classifier.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "classifier.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same_weights(a["model"], b["model"])
+    assert (killed.val_oa, killed.epochs_run) == (straight.val_oa, straight.epochs_run)
+    assert abs(killed.val_nll - straight.val_nll) <= 1e-6
+    la = [r for r in recs if "loss" in r]
+    lb = [r for r in read_jsonl(tmp_path / "killed" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in lb] == [r["step"] for r in la]  # the lost step's line dropped, rerun once
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) <= 1e-5

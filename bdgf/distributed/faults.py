@@ -34,3 +34,17 @@ def fault_injection(batches: Iterable, start: int, rank: int, fault: dict | None
                 marker.write_text(f"killed rank {rank} (pid {os.getpid()}) before step {step}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
         yield batch
+
+
+class FaultyLoader:
+    """A loader whose batches pass through :func:`fault_injection`, counting steps across epochs:
+    each pass starts at ``counters["step"]`` (the loop's global step when the epoch begins)."""
+
+    def __init__(self, loader, counters: dict, rank: int, fault: dict | None):
+        self.loader, self.counters, self.rank, self.fault = loader, counters, rank, fault
+
+    def __iter__(self) -> Iterator:
+        return fault_injection(iter(self.loader), int(self.counters.get("step", 0)), self.rank, self.fault)
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -328,8 +328,12 @@ class Launch:
                     self.device, self.device_reason, self.engine, self.ds_config["train_batch_size"],
                     ", continuing from the last checkpoint" if self.continuing else "")
         out_dir = Path(out_dir)
+        try:
+            stage_rel = str(out_dir.resolve().relative_to(Path(self.run_dir)))
+        except ValueError:  # an output folder outside the run: workers use its absolute path
+            stage_rel = str(out_dir.resolve())
         launch = {"engine": self.engine, "ds_config": self.ds_config, "run_dir": self.run_dir,
-                  "stage_rel": str(out_dir.resolve().relative_to(Path(self.run_dir))), "device": self.device}
+                  "stage_rel": stage_rel, "device": self.device}
         gpu = self.device == "gpu"
         trainer = TorchTrainer(
             run_body,

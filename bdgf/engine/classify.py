@@ -314,8 +314,13 @@ def train_body(job: dict, ctx) -> None:
                        {"stage": "train", "epoch": epoch, "signature": job["signature"], "final": final},
                        stepper=stepper, rank_state=mine)
 
+    batches = train_loader
+    if job.get("fault"):  # tests: kill this worker once before a given global step
+        from bdgf.distributed.faults import FaultyLoader
+
+        batches = FaultyLoader(train_loader, counters, ctx.rank, job["fault"])
     try:
-        train_epochs(engine, criterion, train_loader, val_loader, stepper, view, epochs=tc.epochs, start_epoch=done,
+        train_epochs(engine, criterion, batches, val_loader, stepper, view, epochs=tc.epochs, start_epoch=done,
                      best=best, val_every=tc.val_every, patience=tc.patience, keep_last=tc.selection == "last",
                      min_delta=tc.nll_min_delta,
                      on_log=on_log, on_best=on_best,
