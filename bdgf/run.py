@@ -3,14 +3,17 @@
     RUN/
       config.yaml                the RunConfig used (written by pretrain, reused by later stages)
       run.json                   scene signature, normalisation statistics, code version, stages done
-      pretrain/denoiser.pt       {"model", "unet_config", "schedule", "masking", "stepper", "step", ...}
+      pretrain/denoiser.pt       {"model", "unet_config", "schedule", "masking", "stepper" (the whole optimiser
+                                 state, gathered from every rank), "step", "rng" / "rng_ranks" (random streams), ...}
       pretrain/log.jsonl         one JSON line per logged step (loss and p_mask per modality)
       pretrain/curves.png
       train/seed<k>/classifier.pt     best-on-val classifier {"model", "classifier_config", "epoch", ...}
-      train/seed<k>/train_state.pt    epochs done and the best so far (what a resumed run continues)
+      train/seed<k>/train_state.pt    epochs done, the best so far, the patience counter, RNG streams
+                                      (what a resumed run continues)
       train/seed<k>/{config.yaml, log.jsonl, summary.json, curves.png}
       eval/metrics.json, eval/metrics_<split>.json, eval/predictions_<split>.npz, eval/map_<split>.png
-      ray/<name>/                Ray Train's experiment folder (distributed runs only)
+      ray/<stage>-r<h>-i<h>/     Ray Train's experiment folder (distributed runs only; hashes of the run
+                                 dir and of the job's identity: run dir, stores, world size, stage folder)
 
 Single-process and distributed runs leave the same files (the distributed driver copies the final
 Ray checkpoint's files here). Checkpoints are plain ``torch.save`` dicts written atomically
