@@ -222,3 +222,17 @@ def test_stage2_killed_worker_resumes_exactly(ray_session, featured, store, tmp_
     lb = [r for r in read_jsonl(tmp_path / "killed" / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in lb] == [r["step"] for r in la]  # the lost step's line dropped, rerun once
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) <= 1e-5
+
+
+def test_single_process_stage2_checkpoint_holds_what_a_resume_needs(featured, store):
+    """train_state.pt of a plain single-process run carries the loop counters, the RNG streams and
+    the optimiser state beside the epoch and the best so far."""
+    from bdgf.engine.classify import train
+
+    summary = train(store, featured, seed=5, overrides={"train.epochs": 2, "train.patience": 1}, progress=False)
+    st = torch.load(featured / "train" / "seed5" / "train_state.pt", weights_only=False)
+    assert st["epoch"] == summary.epochs_run and st["best"]["epoch"] == summary.epoch
+    assert st["counters"]["step"] > 0 and st["counters"]["since_best"] == (summary.epochs_run - summary.epoch)
+    assert st["rng"]["world"] == 1 and {"view", "shuffle"} <= set(st["rng"]["generators"])
+    assert st["stepper"]["optimizer"]["state"]
+    assert (summary.device, summary.device_reason) == ("cpu", "this machine has no GPU") or torch.cuda.is_available()
