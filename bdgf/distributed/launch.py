@@ -397,6 +397,8 @@ def prepare_launch(stage: str, run: Run, *, name: str, workers: int, address: st
     probe(address)
     choice = cluster_device(device, address, workers)
     storage = storage or str(run.ray_storage())
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())  # Ray Train wants it absolute; so do the checks below
     identity = run_identity(run.path, stores, workers, out)
     signature = {**signature, "identity": identity}
     base, name = name, experiment_name(name, identity)
