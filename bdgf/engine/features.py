@@ -70,7 +70,7 @@ def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedul
                 got = tile_features(model, schedule, windows, corners, spec, present, cm)
                 feats.update({feature_name(level, absent): f for level, f in got.items()})
             for j, origin in enumerate(batch):
-                feature_cache.write(group, grid, origin, {n: f[j].cpu().numpy() for n, f in feats.items()})
+                feature_cache.write(group, grid, origin, {n: f[j].float().cpu().numpy() for n, f in feats.items()})
             bar.update(len(batch))
     finally:
         bar.close()
