@@ -1,8 +1,8 @@
 """Reads that scale: a per-process memory budget, an LRU chunk cache and chunk-aligned shards.
 
 Glossary (letters as in docs/glossary.md): C bands (all modalities), T tile side, H×W scene grid,
-N tiles. A *chunk* is one (C, 256, 256) block of ``modalities/<name>`` as ``write_scene`` stores it
-(the chunk grid of the first modality is the scene's chunk grid).
+N tiles (items of a shard). A *chunk* is one (C, 256, 256) block of ``modalities/<name>`` as
+``write_scene`` stores it (the chunk grid of the first modality is the scene's chunk grid).
 
 * **Budget.** Each process may hold ``cache_bytes`` of scene data (default
   :data:`DEFAULT_CACHE_BYTES`, 512 MiB; ``BDGF_CACHE_BYTES`` overrides it). A scene whose
