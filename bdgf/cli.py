@@ -272,6 +272,31 @@ def cv(
 
 
 @command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory with a trained classifier."),
+    out: Path = typer.Option(..., "--out", help="Package directory to write (graph files + model.json)."),
+    format_: str = typer.Option("onnx", "--format", help="onnx, aoti, tensorrt, or all (every format "
+                                "this machine can build; the others are listed as skipped)."),
+    seed: Optional[int] = typer.Option(None, help="Classifier seed (default: the config's train seed)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Largest batch the graphs take (TensorRT profile 1..N)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing package directory."),
+) -> None:
+    """Export a trained run as a self-contained model package (bdgf.export; run it with bdgf.backends)."""
+    from bdgf.export import export_run, parse_formats
+
+    formats = parse_formats(format_)
+    manifest = export_run(run, out, formats, seed=seed, max_batch=max_batch, overwrite=overwrite,
+                          strict=format_.strip() != "all")
+    for name, entry in manifest["files"].items():
+        typer.echo(f"{out / name}  {entry['format']}  {entry['bytes']} bytes")
+    for fmt, check in manifest["checks"].items():
+        typer.echo(f"{fmt}: max abs difference vs PyTorch {check['max_abs_diff']:.2e} on {check['inputs']}")
+    for fmt, why in manifest["skipped"].items():
+        typer.echo(f"{fmt}: skipped ({why})")
+    typer.echo(f"{out / 'model.json'}")
+
+
+@command()
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the store, the run and the PNGs."),
     seed: int = typer.Option(0, help="Scene and training seed."),

@@ -1,0 +1,300 @@
+"""A trained run as a self-contained model package: graph files plus a ``model.json`` manifest.
+
+    bdgf export RUN --format onnx|aoti|tensorrt|all --out DIR [--seed K]
+
+    DIR/model.json       the manifest (below); everything a caller needs besides the graph
+    DIR/program.pt2      the torch.export program (always): eager PyTorch without the run directory
+    DIR/model.onnx       ONNX (dynamo exporter), dynamic batch axis; checked with onnx.checker and
+                         against PyTorch (the max abs difference is in the manifest's "checks")
+    DIR/model_aoti.pt2   an AOTInductor package (torch._inductor.aoti_compile_and_package), for the
+                         device it was built on (CPU here)
+    DIR/model.engine     a TensorRT engine built from the ONNX (fp16, one optimisation profile for
+                         batch 1..max_batch); only where ``tensorrt`` imports and a GPU is present
+
+The graph is :class:`bdgf.inference.TileClassifier` of :meth:`bdgf.pipeline.Pipeline.from_run`:
+inputs window (B, C, S, S) normalised with NaN = nodata, noise (B, n, C, S, S) position-keyed
+(:func:`bdgf.diffusion.features.tile_noise`), present (B, M); output probs (B, K, T, T), zeros at
+nodata. Normalisation and the noise run beside the graph (:mod:`bdgf.backends`), from the
+manifest alone. ``--format all`` builds every format this machine can build and records the
+others under "skipped" with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import bdgf
+from bdgf.errors import BDGFError
+
+MANIFEST = "model.json"
+PACKAGE_FORMAT = 1
+INPUTS = ("window", "noise", "present")
+OUTPUTS = ("probs",)
+FILES = {"torch": "program.pt2", "onnx": "model.onnx", "aoti": "model_aoti.pt2", "tensorrt": "model.engine"}
+FORMATS = ("onnx", "aoti", "tensorrt")
+ONNX_OPSET = 18
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_formats(value: str) -> list[str]:
+    """"onnx", "aoti", "tensorrt", a comma list of them, or "all" -> the formats, in build order."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["all"]:
+        return list(FORMATS)
+    bad = [n for n in names if n not in FORMATS]
+    if not names or bad:
+        raise BDGFError(f"unknown export format {value!r}; use onnx, aoti, tensorrt or all")
+    return [f for f in FORMATS if f in names]
+
+
+def tensorrt_missing() -> str | None:
+    """Why a TensorRT engine cannot be built or run here (None: it can)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        return f"tensorrt is not importable ({exc}); install the `cuda` extra on a GPU host"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "tensorrt imports but no CUDA device is visible"
+    return None
+
+
+def class_colours(num_classes: int) -> list[list[int]]:
+    """RGB (0..255) of classes 1..K as `bdgf preview` draws them (matplotlib's tab20 over 1..K)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"].resampled(max(num_classes, 2))
+    return [[int(round(255 * v)) for v in cmap(i / max(num_classes - 1, 1))[:3]] for i in range(num_classes)]
+
+
+def build_manifest(pipe, max_batch: int) -> dict:
+    """The manifest of a pipeline's graph (files and checks are added by :func:`export_run`)."""
+    run = pipe.run
+    info = run.info()
+    bands = {m: int(b) for m, b in info["scene"]["modalities"]}
+    return {
+        "package_format": PACKAGE_FORMAT,
+        "bdgf_version": bdgf.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "run": str(run.path.resolve()),
+            "seed": int(pipe.seed),
+            "scene": info["scene"].get("name"),
+            "code_version": info.get("code_version"),
+            "checkpoints": {
+                "denoiser": {"file": "pretrain/denoiser.pt", "sha256": sha256_file(run.denoiser_path)},
+                "classifier": {"file": f"train/seed{pipe.seed}/classifier.pt",
+                               "sha256": sha256_file(run.classifier_path(pipe.seed))},
+            },
+        },
+        "classes": {"nodata": 0, "names": list(pipe.class_names),
+                    "colours": class_colours(len(pipe.class_names)),
+                    "colours_from": "bdgf preview (matplotlib tab20 over classes 1..K)"},
+        "modalities": [
+            {"name": m, "bands": bands[m], "wavelengths_nm": None,
+             "mean": [float(v) for v in pipe.normalisation[m][0]],
+             "std": [float(v) for v in pipe.normalisation[m][1]]}
+            for m in pipe.modalities
+        ],
+        "geometry": {"tile_size": int(pipe.spec.tile_size), "halo": int(pipe.spec.halo),
+                     "window_size": int(pipe.spec.tile_size + 2 * pipe.spec.halo),
+                     "patch_size": int(pipe.graph.P), "tile_multiple": int(pipe.graph.denoiser.config.tile_multiple)},
+        "noise": {"timesteps": [int(t) for t in pipe.spec.timesteps], "draws": int(pipe.spec.draws),
+                  "noise_seed": int(pipe.spec.noise_seed), "num_noise": int(pipe.graph.num_noise),
+                  "keyed_by": "window top-left (row, col) in the scene's pixel grid = tile origin - halo"},
+        "graph": {"inputs": {"window": ["B", "C", "S", "S"], "noise": ["B", "n", "C", "S", "S"], "present": ["B", "M"]},
+                  "outputs": {"probs": ["B", "K", "T", "T"]}, "dtype": "float32",
+                  "nodata": "NaN in any band of window; probs all 0 there"},
+        "export": {"max_batch": int(max_batch), "onnx_opset": ONNX_OPSET, "torch": _torch_version(),
+                   "tensorrt": {"precision": "fp16", "profile_batch": [1, min(8, max_batch), max_batch]}},
+        "files": {},
+        "checks": {},
+        "skipped": {},
+    }
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _check_inputs(pipe, count: int = 2, seed: int = 0):
+    """Real inputs to check an export on: ``count`` tiles of the run's scene store when it is
+    still where the run says (NaN at its nodata), else seeded standard-normal windows. Returns
+    (window, noise, present) tensors and what they are."""
+    import torch
+
+    from bdgf.diffusion.features import tile_noise
+    from bdgf.tiler import read_windows
+
+    S = pipe.spec.tile_size + 2 * pipe.spec.halo
+    C = int(pipe.graph.channel_modality.numel())
+    store = pipe.run.info().get("store")
+    if store and Path(store).exists():
+        from bdgf.data.scene import Scene
+
+        scene = Scene.open(store)
+        grid = pipe.grid(*scene.shape)
+        origins = list(grid.origins())[:count]
+        windows = read_windows(scene, grid, origins, nodata=np.nan)
+        corners = [grid.window(o)[:2] for o in origins]
+        what = f"{len(origins)} tiles of {store}"
+    else:
+        rng = np.random.default_rng(seed)
+        windows = rng.standard_normal((count, C, S, S)).astype(np.float32)
+        windows[0, :, S // 2, S // 2] = np.nan
+        corners = [(-pipe.spec.halo, i * pipe.spec.tile_size - pipe.spec.halo) for i in range(count)]
+        what = f"{count} seeded random windows (the run's scene store is not at hand)"
+    noise = tile_noise(pipe.spec, C, [tuple(map(int, c)) for c in corners], S)
+    present = np.ones((len(corners), len(pipe.modalities)), np.float32)
+    return torch.from_numpy(np.asarray(windows, np.float32)), torch.from_numpy(noise), torch.from_numpy(present), what
+
+
+def export_program(pipe, example, max_batch: int):
+    """torch.export of the pipeline's graph with a dynamic batch axis (1..max_batch)."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    try:
+        return torch.export.export(pipe.graph, tuple(example),
+                                   dynamic_shapes={name: {0: batch} for name in INPUTS})
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
+        raise BDGFError(f"torch.export of the inference graph failed ({type(exc).__name__}: {exc})") from exc
+
+
+def write_onnx(program, path: Path) -> None:
+    """The ONNX file of an exported program (dynamo exporter), checked with onnx.checker."""
+    import onnx
+    import torch
+
+    torch.onnx.export(program, f=str(path), dynamo=True, opset_version=ONNX_OPSET,
+                      input_names=list(INPUTS), output_names=list(OUTPUTS), external_data=False)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise BDGFError(f"{path}: the exported ONNX fails onnx.checker ({exc})") from exc
+
+
+def write_aoti(program, path: Path) -> None:
+    import torch
+
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+def build_tensorrt_engine(onnx_path: Path, engine_path: Path, input_shapes: dict[str, tuple[int, ...]],
+                          max_batch: int, workspace_bytes: int = 2 << 30) -> None:
+    """A TensorRT engine (fp16) from the ONNX file, one optimisation profile with batch 1..max_batch
+    (optimum min(8, max_batch)); ``input_shapes`` gives each input's shape without the batch axis."""
+    reason = tensorrt_missing()
+    if reason:
+        raise BDGFError(f"cannot build a TensorRT engine: {reason}")
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT < 10; implied after
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BDGFError(f"{onnx_path}: TensorRT cannot parse the ONNX ({errors})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, shape in input_shapes.items():
+        profile.set_shape(name, (1, *shape), (min(8, max_batch), *shape), (max_batch, *shape))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BDGFError(f"TensorRT failed to build an engine from {onnx_path}")
+    engine_path.write_bytes(bytes(serialized))
+
+
+def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("onnx", "aoti"),
+               seed: int | None = None, max_batch: int = 16, overwrite: bool = False,
+               strict: bool = True) -> dict:
+    """Write the package of ``run_dir``'s classifier ``seed`` to ``out``; returns the manifest.
+    ``strict``: a format that cannot be built here (TensorRT without tensorrt or a GPU) is an
+    error; otherwise it is recorded under "skipped". Written under a temporary name, then renamed."""
+    import torch
+
+    from bdgf.backends import onnx_session
+    from bdgf.pipeline import Pipeline
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BDGFError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    if max_batch < 1:
+        raise BDGFError(f"max batch must be >= 1, got {max_batch}")
+    pipe = Pipeline.from_run(run_dir, seed=seed)
+    manifest = build_manifest(pipe, max_batch)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        window, noise, present, what = _check_inputs(pipe)
+        with torch.no_grad():
+            want = pipe.graph(window, noise, present).numpy()
+        program = export_program(pipe, (window, noise, present), max_batch)
+        torch.export.save(program, str(tmp / FILES["torch"]))
+        with torch.no_grad():
+            got = program.module()(window, noise, present).numpy()
+        manifest["checks"]["torch"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what}
+        for fmt in formats:
+            path = tmp / FILES[fmt]
+            if fmt == "onnx":
+                write_onnx(program, path)
+                sess = onnx_session(path, threads=1)
+                (got,) = sess.run(None, {"window": window.numpy(), "noise": noise.numpy(), "present": present.numpy()})
+                manifest["checks"]["onnx"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what,
+                                              "checker": "onnx.checker.check_model(full_check=True)"}
+            elif fmt == "aoti":
+                write_aoti(program, path)
+                runner = torch._inductor.aoti_load_package(str(path))
+                with torch.no_grad():
+                    got = runner(window, noise, present).numpy()
+                manifest["checks"]["aoti"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what,
+                                              "device": "cpu"}
+            elif fmt == "tensorrt":
+                reason = tensorrt_missing()
+                if reason and not strict:
+                    manifest["skipped"]["tensorrt"] = reason
+                    continue
+                onnx_path = tmp / FILES["onnx"]
+                if not onnx_path.exists():
+                    write_onnx(program, onnx_path)
+                shapes = {"window": tuple(window.shape[1:]), "noise": tuple(noise.shape[1:]),
+                          "present": tuple(present.shape[1:])}
+                build_tensorrt_engine(onnx_path, path, shapes, max_batch)
+        for p in sorted(tmp.iterdir()):
+            kind = next((k for k, v in FILES.items() if v == p.name), "data")
+            manifest["files"][p.name] = {"format": kind, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
