@@ -184,7 +184,7 @@ def write_onnx(program, path: Path) -> None:
     import onnx
     import torch
 
-    torch.onnx.export(program, f=str(path), dynamo=True, opset_version=ONNX_OPSET,
+    torch.onnx.export(program, f=str(path), dynamo=True, opset_version=ONNX_OPSET, verbose=False,
                       input_names=list(INPUTS), output_names=list(OUTPUTS), external_data=False)
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -247,6 +247,8 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("
         raise BDGFError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     if max_batch < 1:
         raise BDGFError(f"max batch must be >= 1, got {max_batch}")
+    if strict and "tensorrt" in formats and tensorrt_missing():
+        raise BDGFError(f"cannot build a TensorRT engine: {tensorrt_missing()}")
     pipe = Pipeline.from_run(run_dir, seed=seed)
     manifest = build_manifest(pipe, max_batch)
     tmp = out.with_name(f".{out.name}.tmp")
