@@ -204,7 +204,8 @@ class Backend:
     def classify(self, windows: np.ndarray | Mapping[str, np.ndarray], origins: Sequence[Sequence[int]],
                  absent: Sequence[str] = (), normalised: bool = False, probabilities: bool = False) -> Classified:
         """Windows (raw by default, or ``normalised``) of the tiles at ``origins`` -> classes and
-        confidence of each tile (B, T, T); with ``probabilities`` also (B, K, T, T)."""
+        confidence of each tile (B, T, T); with ``probabilities`` also (B, K, T, T). Any B: the
+        graph runs on slices of at most the package's ``max_batch``."""
         pkg = self.package
         present = pkg.presence(absent)
         x = pkg.stack(windows, absent) if normalised else pkg.normalise(windows, absent)
@@ -212,9 +213,13 @@ class Backend:
             raise InputError(f"{x.shape[0]} windows but {len(origins)} origins")
         if absent:  # an absent modality's channels carry no data and must not mark pixels nodata
             x = np.where((present[pkg.channel_modality] > 0)[None, :, None, None], x, 0.0).astype(np.float32)
-        noise = pkg.noise(origins)
-        probs = np.asarray(self.run(np.ascontiguousarray(x), noise,
-                                    np.repeat(present[None], x.shape[0], axis=0)), np.float32)
+        step = int(pkg.manifest["export"]["max_batch"])  # the graphs take batches of 1..max_batch
+        flags = np.repeat(present[None], x.shape[0], axis=0)
+        parts = [np.zeros((0, pkg.num_classes, pkg.tile_size, pkg.tile_size), np.float32)]
+        for i in range(0, x.shape[0], step):
+            out = self.run(np.ascontiguousarray(x[i : i + step]), pkg.noise(origins[i : i + step]), flags[i : i + step])
+            parts.append(np.asarray(out, np.float32))
+        probs = np.concatenate(parts)
         classes, conf = class_map(probs)
         return Classified(classes, conf, probs if probabilities else None)
 
@@ -293,14 +298,9 @@ class TensorRTBackend(Backend):
             raise BDGFError(f"{package.file('tensorrt')}: TensorRT cannot deserialise the engine "
                             "(built by another TensorRT version or for another GPU?)")
         self.context = self.engine.create_execution_context()
-        self.max_batch = int(package.manifest["export"]["max_batch"])
 
     def run(self, window, noise, present):
         torch = self.torch
-        B = window.shape[0]
-        if B > self.max_batch:  # the engine's profile ends at max_batch: run in slices
-            return np.concatenate([self.run(window[i : i + self.max_batch], noise[i : i + self.max_batch],
-                                            present[i : i + self.max_batch]) for i in range(0, B, self.max_batch)])
         feeds = {"window": window, "noise": noise, "present": present}
         keep = {}
         for name, value in feeds.items():

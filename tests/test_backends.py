@@ -23,13 +23,15 @@ ORIGINS = [(0, 0), (16, 32), (32, 16)]
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """(store, run, package dir, pipeline): the random run exported with --format all (ONNX and
-    one AOTInductor compile here; TensorRT skipped where it cannot be built)."""
+    one AOTInductor compile here; TensorRT skipped where it cannot be built), for batches of at
+    most 2 (larger batches are run in slices)."""
     from bdgf.cli import app
     from bdgf.pipeline import Pipeline
 
     d = tmp_path_factory.mktemp("backends")
     store, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "all", "--out", str(d / "pkg")])
+    res = CliRunner().invoke(app, ["export", str(run), "--format", "all", "--out", str(d / "pkg"),
+                                  "--max-batch", "2"])  # so the 3 tiles below run as two slices
     assert res.exit_code == 0, res.output
     return store, run, d / "pkg", Pipeline.from_run(run, seed=0), res.output
 
@@ -42,6 +44,7 @@ def test_all_builds_what_it_can_and_says_what_it_skipped(package):
     _, _, pkg, _, output = package
     m = json.loads((pkg / "model.json").read_text())
     assert {"onnx", "aoti", "torch"} <= {e["format"] for e in m["files"].values()}
+    assert m["export"]["max_batch"] == 2
     assert m["checks"]["aoti"]["max_abs_diff"] < 1e-4 and m["checks"]["onnx"]["max_abs_diff"] < 1e-4
     if tensorrt_missing():
         assert m["skipped"]["tensorrt"] == tensorrt_missing() and "tensorrt: skipped" in output
