@@ -264,6 +264,7 @@ class TorchBackend(Backend):
         import torch
 
         self.name = kind
+        self.device = torch.device(package.manifest["export"].get("aoti_device", "cpu") if kind == "aoti" else "cpu")
         path = package.file(kind)
         try:
             if kind == "aoti":
@@ -277,7 +278,7 @@ class TorchBackend(Backend):
         import torch
 
         with torch.no_grad():
-            out = self.module(torch.from_numpy(window), torch.from_numpy(noise), torch.from_numpy(present))
+            out = self.module(*(torch.from_numpy(a).to(self.device) for a in (window, noise, present)))
         return out.float().cpu().numpy()
 
 
@@ -338,6 +339,9 @@ def _why_not(package: ModelPackage, kind: str) -> str | None:
         return f"torch is not importable ({exc})"
     if kind == "torch" and package.file("torch") is None:
         return "the package has no torch.export program"
+    device = package.manifest["export"].get("aoti_device", "cpu")
+    if kind == "aoti" and device.startswith("cuda") and not torch.cuda.is_available():
+        return f"its AOTInductor package was compiled for {device} and no CUDA device is visible"
     return None
 
 

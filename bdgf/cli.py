@@ -279,6 +279,8 @@ def export(
                                 "this machine can build; the others are listed as skipped)."),
     seed: Optional[int] = typer.Option(None, help="Classifier seed (default: the config's train seed)."),
     max_batch: int = typer.Option(16, "--max-batch", help="Largest batch the graphs take (TensorRT profile 1..N)."),
+    aoti_device: str = typer.Option("cpu", "--aoti-device", help="Device the AOTInductor package is compiled "
+                                    "for and runs on: cpu, or cuda on a GPU host."),
     overwrite: bool = typer.Option(False, help="Replace an existing package directory."),
 ) -> None:
     """Export a trained run as a self-contained model package (bdgf.export; run it with bdgf.backends)."""
@@ -286,7 +288,7 @@ def export(
 
     formats = parse_formats(format_)
     manifest = export_run(run, out, formats, seed=seed, max_batch=max_batch, overwrite=overwrite,
-                          strict=format_.strip() != "all")
+                          strict=format_.strip() != "all", aoti_device=aoti_device)
     for name, entry in manifest["files"].items():
         typer.echo(f"{out / name}  {entry['format']}  {entry['bytes']} bytes")
     for fmt, check in manifest["checks"].items():

@@ -6,8 +6,8 @@
     DIR/program.pt2      the torch.export program (always): eager PyTorch without the run directory
     DIR/model.onnx       ONNX (dynamo exporter), dynamic batch axis; checked with onnx.checker and
                          against PyTorch (the max abs difference is in the manifest's "checks")
-    DIR/model_aoti.pt2   an AOTInductor package (torch._inductor.aoti_compile_and_package), for the
-                         device it was built on (CPU here)
+    DIR/model_aoti.pt2   an AOTInductor package (torch._inductor.aoti_compile_and_package) for one
+                         device: ``aoti_device`` (default cpu; cuda on a GPU host), in the manifest
     DIR/model.engine     a TensorRT engine built from the ONNX (fp16, one optimisation profile for
                          batch 1..max_batch); only where ``tensorrt`` imports and a GPU is present
 
@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -83,7 +84,7 @@ def class_colours(num_classes: int) -> list[list[int]]:
     return [[int(round(255 * v)) for v in cmap(i / max(num_classes - 1, 1))[:3]] for i in range(num_classes)]
 
 
-def build_manifest(pipe, max_batch: int) -> dict:
+def build_manifest(pipe, max_batch: int, aoti_device: str = "cpu") -> dict:
     """The manifest of a pipeline's graph (files and checks are added by :func:`export_run`)."""
     run = pipe.run
     info = run.info()
@@ -122,6 +123,7 @@ def build_manifest(pipe, max_batch: int) -> dict:
                   "outputs": {"probs": ["B", "K", "T", "T"]}, "dtype": "float32",
                   "nodata": "NaN in any band of window; probs all 0 there"},
         "export": {"max_batch": int(max_batch), "onnx_opset": ONNX_OPSET, "torch": _torch_version(),
+                   "aoti_device": str(aoti_device),
                    "tensorrt": {"precision": "fp16", "profile_batch": [1, min(8, max_batch), max_batch]}},
         "files": {},
         "checks": {},
@@ -233,10 +235,12 @@ def build_tensorrt_engine(onnx_path: Path, engine_path: Path, input_shapes: dict
 
 def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("onnx", "aoti"),
                seed: int | None = None, max_batch: int = 16, overwrite: bool = False,
-               strict: bool = True) -> dict:
+               strict: bool = True, aoti_device: str = "cpu") -> dict:
     """Write the package of ``run_dir``'s classifier ``seed`` to ``out``; returns the manifest.
     ``strict``: a format that cannot be built here (TensorRT without tensorrt or a GPU) is an
-    error; otherwise it is recorded under "skipped". Written under a temporary name, then renamed."""
+    error; otherwise it is recorded under "skipped". ``aoti_device``: the device the AOTInductor
+    package is compiled for and runs on (the other graphs are exported on the CPU). Written under a
+    temporary name, then renamed."""
     import torch
 
     from bdgf.backends import onnx_session
@@ -249,8 +253,11 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("
         raise BDGFError(f"max batch must be >= 1, got {max_batch}")
     if strict and "tensorrt" in formats and tensorrt_missing():
         raise BDGFError(f"cannot build a TensorRT engine: {tensorrt_missing()}")
+    aoti_device = str(torch.device(aoti_device))
+    if "aoti" in formats and aoti_device.startswith("cuda") and not torch.cuda.is_available():
+        raise BDGFError(f"cannot compile the AOTInductor package for {aoti_device}: no CUDA device is visible")
     pipe = Pipeline.from_run(run_dir, seed=seed)
-    manifest = build_manifest(pipe, max_batch)
+    manifest = build_manifest(pipe, max_batch, aoti_device)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -272,12 +279,20 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("
                 manifest["checks"]["onnx"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what,
                                               "checker": "onnx.checker.check_model(full_check=True)"}
             elif fmt == "aoti":
-                write_aoti(program, path)
+                dev = torch.device(aoti_device)
+                example = tuple(t.to(dev) for t in (window, noise, present))
+                if dev.type == "cpu":
+                    write_aoti(program, path)
+                else:  # the graph and its example inputs on the target device, exported again
+                    import copy
+
+                    graph = copy.deepcopy(pipe.graph).to(dev)
+                    write_aoti(export_program(replace(pipe, graph=graph), example, max_batch), path)
                 runner = torch._inductor.aoti_load_package(str(path))
                 with torch.no_grad():
-                    got = runner(window, noise, present).numpy()
+                    got = runner(*example).float().cpu().numpy()
                 manifest["checks"]["aoti"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what,
-                                              "device": "cpu"}
+                                              "device": aoti_device}
             elif fmt == "tensorrt":
                 reason = tensorrt_missing()
                 if reason and not strict:

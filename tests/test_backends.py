@@ -127,6 +127,19 @@ def test_aoti_package_runs_in_a_fresh_process_without_the_run(package, tmp_path)
     assert got["classes"][0, 3, 5] == 0 and got["confidence"][0, 3, 5] == 0
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device: AOTInductor for cuda")
+def test_aoti_compiled_for_cuda_matches_the_pipeline(package, tmp_path):
+    from bdgf.cli import app
+
+    store, run, _, pipe, _ = package
+    res = CliRunner().invoke(app, ["export", str(run), "--format", "aoti", "--aoti-device", "cuda",
+                                   "--out", str(tmp_path / "cuda")])
+    assert res.exit_code == 0, res.output
+    raw, want = raw_windows(store, pipe, ORIGINS)
+    out = open_backend(tmp_path / "cuda", "aoti").classify(raw, ORIGINS, probabilities=True)
+    np.testing.assert_allclose(out.probabilities, want, atol=1e-3)
+
+
 def test_class_map_dtypes_and_nodata():
     probs = np.zeros((1, 300, 2, 2), np.float32)
     probs[0, 299, 0, 0] = 1.0

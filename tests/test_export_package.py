@@ -212,6 +212,10 @@ def test_cli_errors_are_one_line(exported, tmp_path):
     assert res.exit_code == 2 and "unknown export format 'pdf'" in res.output
     res = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "not a BDGF run directory" in res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(app, ["export", str(run), "--format", "aoti", "--aoti-device", "cuda",
+                                       "--out", str(tmp_path / "c")])
+        assert res.exit_code == 2 and "no CUDA device is visible" in res.output and res.output.count("\n") == 1
     if tensorrt_missing():  # asked for by name, TensorRT is refused up front, with the reason
         res = CliRunner().invoke(app, ["export", str(run), "--format", "tensorrt", "--out", str(tmp_path / "t")])
         assert res.exit_code == 2 and "cannot build a TensorRT engine: tensorrt is not importable" in res.output
