@@ -173,10 +173,12 @@ def export_program(pipe, example, max_batch: int):
     """torch.export of the pipeline's graph with a dynamic batch axis (1..max_batch)."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic = None
+    if max_batch > 1:  # (a dynamic axis of at most 1 is not one: export for batch 1 as it is)
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        dynamic = {name: {0: batch} for name in INPUTS}
     try:
-        return torch.export.export(pipe.graph, tuple(example),
-                                   dynamic_shapes={name: {0: batch} for name in INPUTS})
+        return torch.export.export(pipe.graph, tuple(example), dynamic_shapes=dynamic)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
         raise BDGFError(f"torch.export of the inference graph failed ({type(exc).__name__}: {exc})") from exc
 
@@ -258,11 +260,12 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("
         raise BDGFError(f"cannot compile the AOTInductor package for {aoti_device}: no CUDA device is visible")
     pipe = Pipeline.from_run(run_dir, seed=seed)
     manifest = build_manifest(pipe, max_batch, aoti_device)
+    manifest["export"]["formats"] = ["torch", *formats]
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        window, noise, present, what = _check_inputs(pipe)
+        window, noise, present, what = _check_inputs(pipe, count=min(2, max_batch))
         with torch.no_grad():
             want = pipe.graph(window, noise, present).numpy()
         program = export_program(pipe, (window, noise, present), max_batch)
