@@ -139,8 +139,8 @@ class ModelPackage:
             return np.concatenate(parts, axis=1)
         x = np.asarray(raw, np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.channels, S, S):
-            raise InputError(f"expected windows (B, {self.channels}, {S}, {S}) ({' + '.join(f'{b} {m}' for m, b in zip(self.modalities, self.bands))} "
-                             f"bands), got shape {x.shape}")
+            bands = " + ".join(f"{b} {m}" for m, b in zip(self.modalities, self.bands))
+            raise InputError(f"expected windows (B, {self.channels}, {S}, {S}) ({bands} bands), got shape {x.shape}")
         return x
 
     def normalise(self, raw: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
@@ -231,7 +231,12 @@ def onnx_session(path: str | Path, threads: int | None = None, providers: Sequen
     opts = ort.SessionOptions()
     if threads is None:
         env = os.environ.get("BDGF_ORT_THREADS")
-        threads = int(env) if env else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if env:
+            if not env.strip().isdigit():
+                raise BDGFError(f"BDGF_ORT_THREADS must be a whole number of threads, got {env!r}")
+            threads = int(env)
+        else:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     opts.intra_op_num_threads = max(1, int(threads))
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -377,7 +382,8 @@ def open_backend(package: str | Path | ModelPackage, backend: str | None = None)
         for kind in BACKENDS:
             why = _why_not(pkg, kind)
             if why is None:
-                chosen = _build(pkg, kind, "auto: first that runs here" + (f" ({'; '.join(skipped)})" if skipped else ""))
+                passed = f" ({'; '.join(skipped)})" if skipped else ""
+                chosen = _build(pkg, kind, f"auto: first that runs here{passed}")
                 break
             skipped.append(f"{kind}: {why}")
         if chosen is None:
