@@ -153,3 +153,22 @@ def test_config_defaults_and_checks(tmp_path):
     bad.write_text("serve:\n  max_queued_requests: 0\n")
     with pytest.raises(serve_api.BDGFError, match="max_queued_requests must be"):
         serve_api.load_config(bad)
+
+
+def test_serve_api_without_serve(pkg):
+    """The library's request handling on its own: the same replies as over HTTP, no Serve."""
+    backend = open_backend(pkg)
+    raw = window(pkg, 2)
+    want = backend.classify(raw[None], [(4, 8)])
+    reply = serve_api.classify(backend, npy(raw), {"row": "4", "col": "8"},
+                               {"content-type": "application/x-npy; q=1", "accept": "application/json"}, LIMIT)
+    assert reply.status == 200 and reply.media_type == "application/json"
+    np.testing.assert_array_equal(np.array(json.loads(reply.body)["classes"]), want.classes[0])
+    reply = serve_api.classify(backend, npy(raw), {"row": "5", "col": "8"}, {"content-type": "application/x-npy"}, LIMIT)
+    assert reply.status == 422 and "stride phase" in json.loads(reply.body)["error"]
+    reply = serve_api.classify(backend, npy(raw), {"row": "4", "col": "8"}, {"content-length": str(LIMIT + 1),
+                                                                            "content-type": "application/x-npy"}, LIMIT)
+    assert reply.status == 413
+    reply = serve_api.classify(backend, npy(raw), {"row": "4", "col": "8"}, {}, LIMIT)
+    assert reply.status == 415 and "(none)" in json.loads(reply.body)["error"]
+    assert serve_api.health(backend) == {"status": "ok", "backend": backend.name}
