@@ -308,7 +308,6 @@ def _free_port() -> int:
 def test_deepspeed_bf16_on_the_cpu_accelerator_trains_both_stages(tmp_path):
     """DeepSpeed (as installed) runs bf16 on its CPU accelerator as ``torch_autocast`` (DeepSpeed's
     own bf16 weights would need bf16 inputs: F.conv2d refuses fp32 input with bf16 weights)."""
-    pytest.importorskip("deepspeed")
     script = tmp_path / "ds_bf16.py"
     script.write_text(_DS_SCRIPT)
     env = {**__import__("os").environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),

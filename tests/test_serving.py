@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from typer.testing import CliRunner
 
 from bdgf import serve_api
 from bdgf.backends import ModelPackage, open_backend
 from test_export_package import make_random_run
 
-pytest.importorskip("ray.serve")  # the `distributed` extra
-requests = pytest.importorskip("requests")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
