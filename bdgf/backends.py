@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bdgf.errors import BDGFError, InputError
+from bdgf.presence import presence_flags
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,8 @@ class ModelPackage:
         return None
 
     def presence(self, absent: Sequence[str] = ()) -> np.ndarray:
-        unknown = sorted(set(absent) - set(self.modalities))
-        if unknown:
-            raise InputError(f"unknown modalities {unknown} in absent; the model has {self.modalities}")
-        if set(absent) >= set(self.modalities):
-            raise InputError(f"every modality is absent ({list(absent)}); at least one must be given")
-        return np.array([0.0 if m in absent else 1.0 for m in self.modalities], np.float32)
+        """(M,) float32 presence flags: 0 for the modalities named in ``absent``."""
+        return presence_flags(self.modalities, absent)
 
     def stack(self, raw: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
         """Raw values as (B, C, S, S) float32 in the model's channel order; a dict may leave out

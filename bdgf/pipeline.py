@@ -29,6 +29,7 @@ from bdgf.diffusion.features import FeatureSpec, aligned_halo, tile_noise
 from bdgf.engine.features import feature_spec
 from bdgf.errors import BDGFError, InputError
 from bdgf.inference import TileClassifier
+from bdgf.presence import presence_flags
 from bdgf.run import Run, state_hash
 from bdgf.tiler import TileGrid, read_windows
 
@@ -89,12 +90,7 @@ class Pipeline:
     # --- input ------------------------------------------------------------------------------
     def presence(self, absent: Sequence[str] = ()) -> np.ndarray:
         """(M,) float32 presence flags: 0 for the modalities named in ``absent``."""
-        unknown = sorted(set(absent) - set(self.modalities))
-        if unknown:
-            raise InputError(f"unknown modalities {unknown} in absent; the model has {self.modalities}")
-        if set(absent) >= set(self.modalities):
-            raise InputError(f"every modality is absent ({list(absent)}); at least one must be given")
-        return np.array([0.0 if m in absent else 1.0 for m in self.modalities], np.float32)
+        return presence_flags(self.modalities, absent)
 
     def normalise(self, raw: Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
         """{modality: raw (C_m, h, w)} -> (C, h, w) float32 normalised with the run's statistics,
