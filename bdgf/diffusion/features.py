@@ -169,13 +169,15 @@ def level_maps(feats: dict[str, torch.Tensor], size: int) -> dict[str, torch.Ten
 @torch.no_grad()
 def window_features(model: DenoiserUNet, schedule: NoiseSchedule, windows: torch.Tensor,
                     corners: Sequence[tuple[int, int]], spec: FeatureSpec,
-                    present: torch.Tensor | None = None, channel_modality: torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    present: torch.Tensor | None = None, channel_modality: torch.Tensor | None = None,
+                    noise: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """windows (B, C, S, S) clean normalised, ``corners`` their global top-left (row, col), on the
     stride phase -> {level: (B, F, S, S)} float32 over the whole window (exact only at least Rf
     from its edges). Noise, timesteps, draws and reduction from ``spec``. ``present`` (M,) 0/1
     (default all 1) with ``channel_modality`` (C,): an absent modality's channels are replaced
-    by the mask embedding and its presence flag is 0, as in masked pretraining."""
+    by the mask embedding and its presence flag is 0, as in masked pretraining. ``noise``: the
+    windows' ``tile_noise`` when the caller already made it (several presence variants of the
+    same windows share it)."""
     B, C, S, _ = windows.shape
     device = windows.device
     m = model.config.tile_multiple
@@ -190,7 +192,9 @@ def window_features(model: DenoiserUNet, schedule: NoiseSchedule, windows: torch
     if present is not None and channel_modality is None:
         raise ValueError("window_features: present needs channel_modality")
     per_step = {name: [] for name in LEVELS}
-    noise = torch.from_numpy(tile_noise(spec, C, corners, S)).to(device=device, dtype=windows.dtype)
+    if noise is None:
+        noise = tile_noise(spec, C, corners, S)
+    noise = torch.from_numpy(noise).to(device=device, dtype=windows.dtype)
     for i, step in enumerate(spec.timesteps):
         t = torch.full((B,), int(step), dtype=torch.int64, device=device)
         sqrt_ab, sqrt_1mab = schedule.coefficients(t, torch.float32)
@@ -210,13 +214,14 @@ def window_features(model: DenoiserUNet, schedule: NoiseSchedule, windows: torch
 
 def tile_features(model: DenoiserUNet, schedule: NoiseSchedule, windows: torch.Tensor,
                   origins: Sequence[tuple[int, int]], spec: FeatureSpec, present: torch.Tensor | None = None,
-                  channel_modality: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  channel_modality: torch.Tensor | None = None, noise: np.ndarray | None = None
+                  ) -> dict[str, torch.Tensor]:
     """windows (B, C, S, S) clean normalised tiles with halo, origins their windows' global
     top-left (row, col) -> {level: (B, F, T, T)} features of the tiles' centre T×T, float32.
-    The halo must reach the receptive radius (``check_window``); ``present`` as in
+    The halo must reach the receptive radius (``check_window``); ``present`` and ``noise`` as in
     :func:`window_features`."""
     check_window(model, spec.halo, spec.tile_size)
-    feats = window_features(model, schedule, windows, origins, spec, present, channel_modality)
+    feats = window_features(model, schedule, windows, origins, spec, present, channel_modality, noise)
     return {name: crop(f, spec.halo, spec.tile_size) for name, f in feats.items()}
 
 

@@ -18,7 +18,7 @@ from bdgf.config import FeatureConfig
 from bdgf.data import feature_cache
 from bdgf.data.scene import Scene
 from bdgf.data.stores import open_stores
-from bdgf.diffusion.features import FeatureSpec, aligned_halo, check_window, feature_name, tile_features
+from bdgf.diffusion.features import FeatureSpec, aligned_halo, check_window, feature_name, tile_features, tile_noise
 from bdgf.diffusion.schedules import NoiseSchedule
 from bdgf.diffusion.unet import DenoiserUNet
 from bdgf.errors import BDGFError
@@ -64,10 +64,11 @@ def extract_tiles(store: str | Path, model: DenoiserUNet, schedule: NoiseSchedul
             batch = todo[i : i + batch_size]
             windows = torch.from_numpy(read_windows(scene, grid, batch)).to(device)
             corners = [grid.window(o)[:2] for o in batch]
+            noise = tile_noise(spec, windows.shape[1], corners, windows.shape[-1])  # once for every variant
             feats = {}
             for absent in (None, *spec.absent):
                 present = None if absent is None else torch.tensor([float(m != absent) for m in names])
-                got = tile_features(model, schedule, windows, corners, spec, present, cm)
+                got = tile_features(model, schedule, windows, corners, spec, present, cm, noise)
                 feats.update({feature_name(level, absent): f for level, f in got.items()})
             for j, origin in enumerate(batch):
                 feature_cache.write(group, grid, origin, {n: f[j].float().cpu().numpy() for n, f in feats.items()})
