@@ -77,3 +77,51 @@ def small_scene_data(h: int = 40, w: int = 52, hsi_bands: int = 12, seed: int = 
 @pytest.fixture
 def small_scene():
     return small_scene_data()
+
+
+# --- Triton kernels: interpreter on CPU, compiled on a GPU (tests/test_kernels_*.py) -----------------
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    """Run Triton under its CPU interpreter (TRITON_INTERPRET=1); on a CUDA host where Triton was
+    imported compiled, a skip naming why (the `gpu` tests run the kernels there)."""
+    import torch
+
+    from kernels._triton_util import interpreter_ready
+
+    if torch.cuda.is_available() and not interpreter_ready():
+        pytest.skip("CUDA host: Triton was imported in compiled mode, so the interpreter tests do not run here "
+                    "(the `gpu` tests run the kernels on CUDA; TRITON_INTERPRET=1 pytest runs these on CPU)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not interpreter_ready():
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run pytest with TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def cuda_triton():
+    """A CUDA device Triton can launch on (compiled mode), else a skip naming why not."""
+    import torch
+
+    from kernels._triton_util import can_launch, interpreter_on
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the compiled Triton kernels need one (these tests run where a GPU is)")
+    if interpreter_on():
+        pytest.skip("TRITON_INTERPRET=1 is set: Triton cannot launch on CUDA tensors; unset it for the gpu tests")
+    if not can_launch(torch.device("cuda")):
+        pytest.skip("CUDA is present but Triton has no active driver here")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray (2 CPUs) for the module's distributed tests, shut down after it if it started one."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    if started:
+        ray.shutdown()

@@ -22,3 +22,43 @@ def classifier_inputs(batch: int = 4, patch_size: int = 7, seed: int = 0) -> tup
     """(patch, low, mid, high), standard normal, each (batch, channels, patch_size, patch_size)."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, c, patch_size, patch_size, generator=g) for c in (C, FL, FM, FH))
+
+
+# --- tiny run configs for the Ray Train + DeepSpeed tests (test_distributed, test_resume_exact,
+# test_run_identity): a 2-level UNet, CNN branch only, seconds per stage on 2 cores.
+TINY_UNET = {"base_channels": 8, "channel_mults": [1, 2], "feature_levels": [0, 1, 1]}
+
+
+def tiny_distributed_config(steps: int, checkpoint_every: int, epochs: int = 2, /, **pretrain):
+    """A RunConfig for the distributed tests: ``steps`` pretraining steps checkpointed every
+    ``checkpoint_every``, ``epochs`` classifier epochs; ``pretrain.<key>`` overrides after them
+    (``steps=8`` among them wins)."""
+    from bdgf.config import RunConfig
+
+    over = {
+        "pretrain.tile_size": 16, "pretrain.batch_size": 4, "pretrain.steps": steps, "pretrain.lr": 3e-3,
+        "pretrain.log_every": 1, "pretrain.checkpoint_every": checkpoint_every, "pretrain.unet": TINY_UNET,
+        "pretrain.schedule": {"kind": "cosine", "num_timesteps": 100},
+        "pretrain.masking": {"mode": "adaptive", "warmup_steps": 5},
+        "features.timesteps": [5, 50], "features.tile_size": 16, "features.batch_size": 8,
+        "train.patch_size": 7, "train.batch_size": 16, "train.epochs": epochs, "train.branches": ["cnn"],
+    }
+    over.update({f"pretrain.{k}": v for k, v in pretrain.items()})
+    return RunConfig().with_overrides(over)
+
+
+# --- the tiny single-process run of the engine tests (tiny preset; seconds per stage) ---------------
+TINY_RUN = {
+    "pretrain.steps": 30,
+    "pretrain.batch_size": 4,
+    "pretrain.tile_size": 16,
+    "pretrain.checkpoint_every": 10,
+    "pretrain.unet": {"base_channels": 8, "channel_mults": [1, 2, 2]},
+    "pretrain.masking": {"warmup_steps": 5},
+    "features.tile_size": 16,
+    "features.timesteps": [5, 100],
+    "train.epochs": 25,
+    "train.batch_size": 16,
+    "train.patience": 25,
+    "train.model": {"mamba": {"d_model": 16, "d_state": 4, "n_layers": 1}},
+}

@@ -20,31 +20,10 @@ import deepspeed  # noqa: E402,F401
 from bdgf.config import RunConfig  # noqa: E402
 from bdgf.errors import BDGFError, StoreError  # noqa: E402
 from bdgf.run import read_jsonl  # noqa: E402
-
-TINY_UNET = {"base_channels": 8, "channel_mults": [1, 2], "feature_levels": [0, 1, 1]}
-
+from helpers import TINY_UNET, tiny_distributed_config  # noqa: E402
 
 def tiny_config(**pretrain) -> RunConfig:
-    over = {
-        "pretrain.tile_size": 16, "pretrain.batch_size": 4, "pretrain.steps": 24, "pretrain.lr": 3e-3,
-        "pretrain.log_every": 1, "pretrain.checkpoint_every": 12, "pretrain.unet": TINY_UNET,
-        "pretrain.schedule": {"kind": "cosine", "num_timesteps": 100},
-        "pretrain.masking": {"mode": "adaptive", "warmup_steps": 5},
-        "features.timesteps": [5, 50], "features.tile_size": 16, "features.batch_size": 8,
-        "train.patch_size": 7, "train.batch_size": 16, "train.epochs": 2, "train.branches": ["cnn"],
-    }
-    over.update({f"pretrain.{k}": v for k, v in pretrain.items()})
-    return RunConfig().with_overrides(over)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    if started:
-        ray.shutdown()
+    return tiny_distributed_config(24, 12, 2, **pretrain)
 
 
 @pytest.fixture(scope="module")

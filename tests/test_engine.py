@@ -22,6 +22,7 @@ from bdgf.engine.loop import TorchStepper, TrainingDiverged, cycle
 from bdgf.engine.pretrain import build_denoiser, pretrain, pretrain_loop, tile_loader
 from bdgf.errors import InputError
 from bdgf.run import Run
+from helpers import TINY_RUN
 
 
 def load_denoiser(path):
@@ -39,20 +40,7 @@ def prepare_store(store, scene, spec, channels):
 
 mark_complete = feature_cache.mark_complete
 
-TINY = {
-    "pretrain.steps": 30,
-    "pretrain.batch_size": 4,
-    "pretrain.tile_size": 16,
-    "pretrain.checkpoint_every": 10,
-    "pretrain.unet": {"base_channels": 8, "channel_mults": [1, 2, 2]},
-    "pretrain.masking": {"warmup_steps": 5},
-    "features.tile_size": 16,
-    "features.timesteps": [5, 100],
-    "train.epochs": 25,
-    "train.batch_size": 16,
-    "train.patience": 25,
-    "train.model": {"mamba": {"d_model": 16, "d_state": 4, "n_layers": 1}},
-}
+TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module")

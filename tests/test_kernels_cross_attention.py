@@ -21,32 +21,6 @@ import triton  # noqa: E402,F401 - installed on Linux; the kernels run under TRI
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture
-def interp(monkeypatch):
-    from kernels._triton_util import interpreter_ready
-
-    if torch.cuda.is_available() and not interpreter_ready():
-        pytest.skip("CUDA host: Triton was imported in compiled mode, so the interpreter tests do not run here "
-                    "(the `gpu` tests run the kernels on CUDA; TRITON_INTERPRET=1 pytest runs these on CPU)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if not interpreter_ready():
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run pytest with TRITON_INTERPRET=1")
-
-
-@pytest.fixture
-def cuda_triton():
-    """A CUDA device Triton can launch on (compiled mode), else a skip naming why not."""
-    from kernels._triton_util import can_launch, interpreter_on
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the compiled Triton kernels need one (these tests run where a GPU is)")
-    if interpreter_on():
-        pytest.skip("TRITON_INTERPRET=1 is set: Triton cannot launch on CUDA tensors; unset it for the gpu tests")
-    if not can_launch(torch.device("cuda")):
-        pytest.skip("CUDA is present but Triton has no active driver here")
-    return torch.device("cuda")
-
-
 def _gpu_blocks(monkeypatch):
     """Make the interpreter run the block configuration a GPU runs (64-wide query/key blocks)."""
     ca = sys.modules["kernels.cross_attention"]

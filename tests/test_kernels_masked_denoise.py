@@ -27,32 +27,6 @@ PRESENT = {  # (B=3, M=3) patterns
 }
 
 
-@pytest.fixture
-def interp(monkeypatch):
-    from kernels._triton_util import interpreter_ready
-
-    if torch.cuda.is_available() and not interpreter_ready():
-        pytest.skip("CUDA host: Triton was imported in compiled mode, so the interpreter tests do not run here "
-                    "(the `gpu` tests run the kernels on CUDA; TRITON_INTERPRET=1 pytest runs these on CPU)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if not interpreter_ready():
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run pytest with TRITON_INTERPRET=1")
-
-
-@pytest.fixture
-def cuda_triton():
-    """A CUDA device Triton can launch on (compiled mode), else a skip naming why not."""
-    from kernels._triton_util import can_launch, interpreter_on
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the compiled Triton kernels need one (these tests run where a GPU is)")
-    if interpreter_on():
-        pytest.skip("TRITON_INTERPRET=1 is set: Triton cannot launch on CUDA tensors; unset it for the gpu tests")
-    if not can_launch(torch.device("cuda")):
-        pytest.skip("CUDA is present but Triton has no active driver here")
-    return torch.device("cuda")
-
-
 def _inputs(dtype, B=3, H=5, W=7, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(B, len(CM), H, W, generator=g).to(device, dtype)

@@ -17,21 +17,10 @@ from bdgf.engine.features import compute_features
 from bdgf.engine.pretrain import pretrain
 from bdgf.inference import class_map
 from bdgf.models.inputs import classifier_input
+from helpers import TINY_RUN
 
-NODATA_RUN = {
-    "pretrain.steps": 20,
-    "pretrain.batch_size": 4,
-    "pretrain.tile_size": 16,
-    "pretrain.checkpoint_every": 20,
-    "pretrain.unet": {"base_channels": 8, "channel_mults": [1, 2, 2]},
-    "pretrain.masking": {"warmup_steps": 5},
-    "features.tile_size": 16,
-    "features.timesteps": [5, 100],
-    "train.epochs": 12,
-    "train.batch_size": 16,
-    "train.patience": 12,
-    "train.model": {"mamba": {"d_model": 16, "d_state": 4, "n_layers": 1}},
-}
+NODATA_RUN = {**TINY_RUN, "pretrain.steps": 20, "pretrain.checkpoint_every": 20, "train.epochs": 12,
+              "train.patience": 12}
 
 
 def nodata_mask(h: int, w: int) -> np.ndarray:

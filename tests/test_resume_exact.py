@@ -16,22 +16,13 @@ import torch
 
 from bdgf.config import RunConfig
 from bdgf.run import Run, read_jsonl
+from helpers import tiny_distributed_config
 
-TINY_UNET = {"base_channels": 8, "channel_mults": [1, 2], "feature_levels": [0, 1, 1]}
 TOL = 1e-6
 
 
 def tiny_config(**pretrain) -> RunConfig:
-    over = {
-        "pretrain.tile_size": 16, "pretrain.batch_size": 4, "pretrain.steps": 16, "pretrain.lr": 3e-3,
-        "pretrain.log_every": 1, "pretrain.checkpoint_every": 6, "pretrain.unet": TINY_UNET,
-        "pretrain.schedule": {"kind": "cosine", "num_timesteps": 100},
-        "pretrain.masking": {"mode": "adaptive", "warmup_steps": 5},
-        "features.timesteps": [5, 50], "features.tile_size": 16, "features.batch_size": 8,
-        "train.patch_size": 7, "train.batch_size": 16, "train.epochs": 6, "train.branches": ["cnn"],
-    }
-    over.update({f"pretrain.{k}": v for k, v in pretrain.items()})
-    return RunConfig().with_overrides(over)
+    return tiny_distributed_config(16, 6, 6, **pretrain)
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +142,6 @@ def test_stage2_patience_counter_carries_over_a_resume():
 # ----------------------------------------------------------------------------------------
 # Stage 2 on Ray Train: the early stop is part of the checkpoint
 # ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from bdgf.distributed.launch import (check_other_jobs, choose_device, clear_run_
                                      run_experiments, run_identity)
 from bdgf.errors import BDGFError
 from bdgf.run import CheckpointMismatch, read_jsonl
+from helpers import tiny_distributed_config
 
 # ----------------------------------------------------------------------------------------
 # The device decision, from a cluster's resources
@@ -114,31 +115,8 @@ def test_overwrite_clears_only_this_runs_experiments(tmp_path):
 # Real jobs on a local Ray
 # ----------------------------------------------------------------------------------------
 
-TINY_UNET = {"base_channels": 8, "channel_mults": [1, 2], "feature_levels": [0, 1, 1]}
-
-
 def tiny_config():
-    from bdgf.config import RunConfig
-
-    return RunConfig().with_overrides({
-        "pretrain.tile_size": 16, "pretrain.batch_size": 4, "pretrain.steps": 6, "pretrain.lr": 3e-3,
-        "pretrain.log_every": 1, "pretrain.checkpoint_every": 3, "pretrain.unet": TINY_UNET,
-        "pretrain.schedule": {"kind": "cosine", "num_timesteps": 100},
-        "pretrain.masking": {"mode": "adaptive", "warmup_steps": 5},
-        "features.timesteps": [5, 50], "features.tile_size": 16,
-    })
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    if started:
-        ray.shutdown()
+    return tiny_distributed_config(6, 3)
 
 
 @pytest.fixture(scope="module")
