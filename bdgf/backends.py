@@ -112,10 +112,14 @@ class ModelPackage:
         """(M,) float32 presence flags: 0 for the modalities named in ``absent``."""
         return presence_flags(self.modalities, absent)
 
-    def stack(self, raw: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
-        """Raw values as (B, C, S, S) float32 in the model's channel order; a dict may leave out
-        the modalities in ``absent`` (their channels are filled with 0)."""
+    def stack(self, raw: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = (),
+              size: tuple[int, int] | None = None) -> np.ndarray:
+        """Raw values as (B, C, S, S) float32 in the model's channel order (``size``: (H, W)
+        instead of windows of S×S); a dict may leave out the modalities in ``absent`` (their
+        channels are filled with 0)."""
         S = self.window_size
+        hw = tuple(size) if size is not None else (S, S)
+        what = f"{hw[0]}x{hw[1]} px" if size is not None else f"windows of {S} px"
         if isinstance(raw, Mapping):
             missing = [m for m in self.modalities if m not in raw and m not in absent]
             if missing:
@@ -126,18 +130,19 @@ class ModelPackage:
             parts = []
             for m, C_m in zip(self.modalities, self.bands):
                 if m in absent and m not in raw:
-                    parts.append(np.zeros((B or 0, C_m, S, S), np.float32))
+                    parts.append(np.zeros((B or 0, C_m, *hw), np.float32))
                     continue
                 x = np.asarray(raw[m], np.float32)
-                if x.ndim != 4 or x.shape[1:] != (C_m, S, S) or x.shape[0] != B:
-                    raise InputError(f"{m}: expected ({B or 'B'}, {C_m}, {S}, {S}) raw values "
-                                     f"({C_m} bands, windows of {S} px), got shape {x.shape}")
+                if x.ndim != 4 or x.shape[1:] != (C_m, *hw) or x.shape[0] != B:
+                    raise InputError(f"{m}: expected ({B or 'B'}, {C_m}, {hw[0]}, {hw[1]}) raw values "
+                                     f"({C_m} bands, {what}), got shape {x.shape}")
                 parts.append(x)
             return np.concatenate(parts, axis=1)
         x = np.asarray(raw, np.float32)
-        if x.ndim != 4 or x.shape[1:] != (self.channels, S, S):
+        if x.ndim != 4 or x.shape[1:] != (self.channels, *hw):
             bands = " + ".join(f"{b} {m}" for m, b in zip(self.modalities, self.bands))
-            raise InputError(f"expected windows (B, {self.channels}, {S}, {S}) ({bands} bands), got shape {x.shape}")
+            raise InputError(f"expected (B, {self.channels}, {hw[0]}, {hw[1]}) ({bands} bands, {what}), "
+                             f"got shape {x.shape}")
         return x
 
     def normalise(self, raw: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:

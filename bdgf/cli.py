@@ -310,6 +310,10 @@ def demo(
     run_demo(out, seed=seed, preset=preset)
 
 
+# Commands kept in their own modules register themselves on `app` when imported.
+from bdgf import cli_bulk, cli_serve  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line on ``argv`` (default: sys.argv[1:]) and exit with its status; the
     scripts in ``training/`` call it with their stage's subcommand first."""

@@ -103,6 +103,40 @@ def read_windows(scene, grid: TileGrid, origins: Sequence[Sequence[int]], nodata
     return np.stack(out)
 
 
+def pad_block(block: np.ndarray, pads, mode: str) -> np.ndarray:
+    """(C, h, w) ``block`` padded by ((top, bottom), (left, right)) pixels: "reflect" (repeated
+    for pads wider than the block; "edge" on a one-pixel-wide block) or "constant" zeros."""
+    widths = ((0, 0),) + tuple(pads)
+    if mode == "reflect" and min(block.shape[1:]) < 2:
+        mode = "edge"  # nothing to reflect on a one-pixel-wide grid
+    if mode == "edge":
+        return np.pad(block, widths, mode="edge")
+    if mode == "reflect":
+        # numpy's reflect needs pad < size; repeat for very small grids.
+        while any(p >= s for (p0, p1), s in zip(pads, block.shape[1:]) for p in (p0, p1)):
+            step = tuple((min(p0, s - 1), min(p1, s - 1)) for (p0, p1), s in zip(pads, block.shape[1:]))
+            block = np.pad(block, ((0, 0),) + step, mode="reflect")
+            pads = tuple((p0 - a, p1 - b) for (p0, p1), (a, b) in zip(pads, step))
+        return np.pad(block, ((0, 0),) + tuple(pads), mode="reflect")
+    if mode == "constant":
+        return np.pad(block, widths, mode="constant")
+    raise ValueError(f"unknown pad mode {mode!r}; use 'reflect' or 'constant'")
+
+
+def cut_window(image: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
+    """The ``size``×``size`` window of an in-memory (C, H, W) array whose top-left is (row, col)
+    (may be negative or reach past the array: reflect-padded there, as a scene store's windows
+    are past the scene's edge). Returns (C, size, size), a copy."""
+    C, H, W = image.shape
+    r0, r1 = max(row, 0), min(row + size, H)
+    c0, c1 = max(col, 0), min(col + size, W)
+    if r1 <= r0 or c1 <= c0:
+        raise ValueError(f"window ({row}, {col}, {size}) lies outside the {H}x{W} array")
+    block = np.array(image[:, r0:r1, c0:c1])
+    pads = ((r0 - row, row + size - r1), (c0 - col, col + size - c1))
+    return pad_block(block, pads, "reflect") if any(p for pair in pads for p in pair) else block
+
+
 def write_tile(arrays: Mapping[str, object], grid: TileGrid, origin: Sequence[int],
                values: Mapping[str, np.ndarray]) -> None:
     """Write each ``values[name]`` (F, T, T) into ``arrays[name]`` (F, H, W) at the tile,

@@ -12,7 +12,7 @@ from bdgf.diffusion.features import (LEVELS, FeatureSpec, aligned_halo, check_wi
                                      tile_features, window_features)
 from bdgf.diffusion.schedules import NoiseSchedule
 from bdgf.diffusion.unet import DenoiserUNet, UNetConfig
-from bdgf.data.scene import pad_block
+from bdgf.tiler import pad_block
 from bdgf.tiler import TileGrid
 
 C, M = 5, 2

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from bdgf.data.chunks import DEFAULT_CACHE_BYTES, cache_budget
-from bdgf.data.scene import Scene, pad_block
+from bdgf.data.scene import Scene
 from bdgf.errors import InputError, StoreError
+from bdgf.tiler import pad_block
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 
 from bdgf.errors import InputError, StoreError
+from bdgf.tiler import pad_block
 from bdgf.progress import progress as with_progress
 
 FORMAT_VERSION = 1
@@ -504,21 +505,3 @@ def val_split_text(info: dict) -> str:
     if info.get("regions"):
         text += f"; {info['regions']} train regions"
     return text
-
-
-def pad_block(block: np.ndarray, pads, mode: str) -> np.ndarray:
-    widths = ((0, 0),) + tuple(pads)
-    if mode == "reflect" and min(block.shape[1:]) < 2:
-        mode = "edge"  # nothing to reflect on a one-pixel-wide grid
-    if mode == "edge":
-        return np.pad(block, widths, mode="edge")
-    if mode == "reflect":
-        # numpy's reflect needs pad < size; repeat for very small grids.
-        while any(p >= s for (p0, p1), s in zip(pads, block.shape[1:]) for p in (p0, p1)):
-            step = tuple((min(p0, s - 1), min(p1, s - 1)) for (p0, p1), s in zip(pads, block.shape[1:]))
-            block = np.pad(block, ((0, 0),) + step, mode="reflect")
-            pads = tuple((p0 - a, p1 - b) for (p0, p1), (a, b) in zip(pads, step))
-        return np.pad(block, ((0, 0),) + tuple(pads), mode="reflect")
-    if mode == "constant":
-        return np.pad(block, widths, mode="constant")
-    raise ValueError(f"unknown pad mode {mode!r}; use 'reflect' or 'constant'")

@@ -1,0 +1,3 @@
+"""``bdgf classify``: bulk classification of mosaics (registered on :data:`bdgf.cli.app`)."""
+
+from __future__ import annotations

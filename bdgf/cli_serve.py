@@ -1,0 +1,3 @@
+"""``bdgf serve`` and ``bdgf client``: the HTTP endpoint's commands (registered on :data:`bdgf.cli.app`)."""
+
+from __future__ import annotations
