@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bdgf.errors import BDGFError, InputError
+from bdgf.noise import NoiseSpec, tile_noise
 from bdgf.presence import presence_flags
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,8 @@ class ModelPackage:
 
     def noise(self, origins: Sequence[Sequence[int]]) -> np.ndarray:
         """(B, n, C, S, S) position-keyed noise for the tiles at ``origins``."""
-        from bdgf.diffusion.features import FeatureSpec, tile_noise
-
-        nz, geo = self.manifest["noise"], self.manifest["geometry"]
-        spec = FeatureSpec("", tuple(nz["timesteps"]), int(nz["draws"]), int(nz["noise_seed"]),
-                           int(geo["tile_size"]), int(geo["halo"]), "concat")
+        nz = self.manifest["noise"]
+        spec = NoiseSpec(tuple(int(t) for t in nz["timesteps"]), int(nz["draws"]), int(nz["noise_seed"]))
         return tile_noise(spec, self.channels, self.corners(origins), self.window_size)
 
 

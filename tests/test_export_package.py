@@ -114,13 +114,15 @@ from bdgf.backends import open_backend
 backend = open_backend(sys.argv[1], sys.argv[2])
 data = np.load(sys.argv[3])
 out = backend.classify(data["raw"], data["origins"].tolist(), probabilities=True)
-np.savez(sys.argv[4], classes=out.classes, confidence=out.confidence, probs=out.probabilities)
+np.savez(sys.argv[4], classes=out.classes, confidence=out.confidence, probs=out.probabilities,
+         torch_imported="torch" in sys.modules)
 print(backend.name)
 """
 
 
 def fresh_process_classify(pkg: Path, backend: str, raw: np.ndarray, origins, tmp: Path) -> dict:
-    """Run a package in a new Python process (no run directory, no test state) on raw windows."""
+    """Run a package in a new Python process (no run directory, no test state) on raw windows:
+    its classes, confidence, probs, and torch_imported (whether torch was imported by then)."""
     np.savez(tmp / "in.npz", raw=raw, origins=np.asarray(origins))
     proc = subprocess.run([sys.executable, "-c", FRESH, str(pkg), backend, str(tmp / "in.npz"), str(tmp / "out.npz")],
                           capture_output=True, text=True, cwd=tmp, timeout=300,
@@ -165,11 +167,21 @@ def test_onnx_package_runs_in_a_fresh_process_without_the_run(exported, tmp_path
     finally:
         moved.rename(run)
     np.testing.assert_allclose(got["probs"], want, atol=1e-4)
+    assert not got["torch_imported"]  # normalisation, noise and ONNX Runtime: numpy only
     assert got["classes"].dtype == np.uint8 and got["confidence"].dtype == np.uint8
     np.testing.assert_array_equal(got["classes"], np.where(want.max(1) > 0, want.argmax(1) + 1, 0))
     assert got["classes"][0, 3, 5] == 0 and got["confidence"][0, 3, 5] == 0  # nodata
     valid = got["classes"] > 0
     assert valid.sum() == valid.size - 1 and (got["confidence"][valid] > 0).all()
+
+
+def test_importing_the_back_ends_does_not_import_torch():
+    """Serving and bulk classification import bdgf.backends (and bdgf.noise) in processes that run
+    ONNX Runtime; torch is imported only by the back ends that run torch graphs."""
+    code = "import sys, bdgf.backends, bdgf.noise; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
 
 
 def test_bad_packages_and_inputs_give_one_line_errors(exported, tmp_path):
@@ -190,7 +202,7 @@ def test_bad_packages_and_inputs_give_one_line_errors(exported, tmp_path):
     backend = open_backend(pkg, "onnx")
     p = backend.package
     S = p.window_size
-    with pytest.raises(InputError, match=rf"expected windows \(B, 17, {S}, {S}\) \(16 hsi \+ 1 lidar bands\)"):
+    with pytest.raises(InputError, match=rf"expected \(B, 17, {S}, {S}\) \(16 hsi \+ 1 lidar bands, windows of {S} px\)"):
         backend.classify(np.zeros((1, 16, S, S), np.float32), [(0, 0)])
     with pytest.raises(InputError, match=r"lidar: expected \(1, 1, .*got shape \(1, 2,"):
         backend.classify({"hsi": np.zeros((1, 16, S, S)), "lidar": np.zeros((1, 2, S, S))}, [(0, 0)])

@@ -35,6 +35,9 @@ import torch.nn.functional as F
 
 from bdgf.diffusion.schedules import NoiseSchedule
 from bdgf.diffusion.unet import DenoiserUNet
+# The position-keyed noise lives in bdgf.noise (numpy only: the ONNX back end runs without torch);
+# re-exported here for the callers that import it from this module.
+from bdgf.noise import _hash32, draw_seed, position_noise, tile_noise  # noqa: F401
 from bdgf.tiler import TileGrid, crop
 from kernels.dispatch import noise_and_mask
 
@@ -99,55 +102,6 @@ def check_window(model: DenoiserUNet, halo: int, tile_size: int, need: int | Non
     if halo % m or tile_size % m:
         raise ValueError(f"tile size {tile_size} and halo {halo} must be multiples of {m} (the denoiser's "
                          f"stride phase, 2^(levels-1)); use halo {aligned_halo(halo, m)}")
-
-
-# ----------------------------------------------------------------------------------------
-# Position-keyed noise
-# ----------------------------------------------------------------------------------------
-
-_M32 = np.uint64(0xFFFFFFFF)
-
-
-def _hash32(x: np.ndarray) -> np.ndarray:
-    """A 32-bit integer mixer (xor-shift-multiply); x uint64 holding 32-bit values."""
-    x = x & _M32
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x7FEB352D)) & _M32
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(0x846CA68B)) & _M32
-    x ^= x >> np.uint64(16)
-    return x
-
-
-def position_noise(seed: int, channels: int, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-    """Standard-normal noise (C, height, width) float32 for the window at global (row0, col0).
-
-    A pure function of (seed, channel, row, column): the same pixel gets the same value in
-    every tile that covers it. Box–Muller on two hashed uniforms.
-    """
-    off = np.uint64(1 << 20)  # rows/cols of reflect-padded halos may be negative
-    c = np.arange(channels, dtype=np.uint64)[:, None, None]
-    r = (np.arange(height, dtype=np.int64) + row0).astype(np.uint64)[None, :, None] + off
-    q = (np.arange(width, dtype=np.int64) + col0).astype(np.uint64)[None, None, :] + off
-    base = _hash32(_hash32(_hash32(np.uint64(seed & 0xFFFFFFFF) + c * np.uint64(0x9E3779B9)) + r) + q)
-    u1 = (_hash32(base ^ np.uint64(0x68E31DA4)).astype(np.float64) + 0.5) / 4294967296.0
-    u2 = (_hash32(base ^ np.uint64(0xB5297A4D)).astype(np.float64) + 0.5) / 4294967296.0
-    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
-
-
-def draw_seed(spec: FeatureSpec, step_index: int, draw: int) -> int:
-    """Seed of the position-keyed noise for timestep ``step_index`` and noise draw ``draw``."""
-    return spec.noise_seed * 1_000_003 + step_index * 7919 + draw
-
-
-def tile_noise(spec: FeatureSpec, channels: int, origins: Sequence[tuple[int, int]], size: int) -> np.ndarray:
-    """(B, n, C, S, S) float32 noise, n = timesteps x draws (timestep-major), for the S×S windows
-    whose global top-left corners are ``origins``."""
-    return np.stack([
-        np.stack([position_noise(draw_seed(spec, i, d), channels, r, c, size, size)
-                  for i in range(len(spec.timesteps)) for d in range(spec.draws)])
-        for r, c in origins
-    ])
 
 
 # ----------------------------------------------------------------------------------------
