@@ -2,7 +2,10 @@
 
     bdgf export RUN --format onnx|aoti|tensorrt|all --out DIR [--seed K]
 
-    DIR/model.json       the manifest (below); everything a caller needs besides the graph
+    DIR/model.json       the manifest (below); everything a caller needs besides the graph: classes
+                         and colours, each modality's bands (count, names, centre wavelengths in nm
+                         as the run's scene store had them, null where it had none, e.g. LiDAR),
+                         normalisation statistics, geometry, noise settings, files and checks
     DIR/program.pt2      the torch.export program (always): eager PyTorch without the run directory
     DIR/model.onnx       ONNX (dynamo exporter), dynamic batch axis; checked with onnx.checker and
                          against PyTorch (the max abs difference is in the manifest's "checks")
@@ -89,6 +92,7 @@ def build_manifest(pipe, max_batch: int, aoti_device: str = "cpu") -> dict:
     run = pipe.run
     info = run.info()
     bands = {m: int(b) for m, b in info["scene"]["modalities"]}
+    described = run.bands() or {}  # wavelengths and band names (None: an old run whose store is gone)
     return {
         "package_format": PACKAGE_FORMAT,
         "bdgf_version": bdgf.__version__,
@@ -108,7 +112,8 @@ def build_manifest(pipe, max_batch: int, aoti_device: str = "cpu") -> dict:
                     "colours": class_colours(len(pipe.class_names)),
                     "colours_from": "bdgf preview (matplotlib tab20 over classes 1..K)"},
         "modalities": [
-            {"name": m, "bands": bands[m], "wavelengths_nm": None,
+            {"name": m, "bands": bands[m], "wavelengths_nm": described.get(m, {}).get("wavelengths_nm"),
+             "band_names": described.get(m, {}).get("band_names"),
              "mean": [float(v) for v in pipe.normalisation[m][0]],
              "std": [float(v) for v in pipe.normalisation[m][1]]}
             for m in pipe.modalities

@@ -2,7 +2,8 @@
 
     RUN/
       config.yaml                the RunConfig used (written by pretrain, reused by later stages)
-      run.json                   scene signature, normalisation statistics, code version, stages done
+      run.json                   scene signature, normalisation statistics, band wavelengths and names,
+                                 code version, stages done
       pretrain/denoiser.pt       {"model", "unet_config", "schedule", "masking", "stepper" (the whole optimiser
                                  state, gathered from every rank), "step", "rng" / "rng_ranks" (random streams), ...}
       pretrain/log.jsonl         one JSON line per logged step (loss and p_mask per modality)
@@ -71,6 +72,15 @@ def scene_signature(scene: Scene) -> dict:
         "modalities": [[m.name, m.bands] for m in scene.meta.modalities],
         "class_names": list(scene.class_names),
     }
+
+
+def scene_bands(scene: Scene) -> dict[str, dict]:
+    """Per modality, its bands as the store describes them: ``wavelengths_nm`` (centre wavelength
+    of each band in nm, None where the store has none: its ``modalities/band_<name>`` coordinate
+    then holds band indices) and ``band_names``."""
+    return {m.name: {"wavelengths_nm": None if m.wavelengths_nm is None else [float(v) for v in m.wavelengths_nm],
+                     "band_names": list(m.band_names)}
+            for m in scene.meta.modalities}
 
 
 def scene_normalisation(scene: Scene) -> dict[str, dict[str, list[float]]]:
@@ -233,6 +243,7 @@ class Run:
             "scene": scene_signature(scene),
             "store": str(Path(scene.path).resolve()),
             "normalisation": scene_normalisation(scene),
+            "bands": scene_bands(scene),
             "code_version": code_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -255,6 +266,15 @@ class Run:
         if stats is None:
             stats = scene_normalisation(Scene.open(info["store"]))
         return {m: (np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32)) for m, s in stats.items()}
+
+    def bands(self) -> dict[str, dict] | None:
+        """{modality: {"wavelengths_nm": [...] | None, "band_names": [...]}} recorded at creation
+        (older runs: read from the store they were made from; None when it is gone)."""
+        info = self.info()
+        if "bands" in info:
+            return info["bands"]
+        store = info.get("store")
+        return scene_bands(Scene.open(store)) if store and Path(store).exists() else None
 
     def check_scene(self, scene: Scene) -> None:
         """Refuse a store whose modalities/bands/classes differ from the run's scene."""

@@ -87,6 +87,12 @@ def test_package_has_the_manifest_and_the_graphs(exported):
     mean, std = scene.statistics("hsi")
     np.testing.assert_allclose(m["modalities"][0]["mean"], mean, rtol=1e-6)
     np.testing.assert_allclose(m["modalities"][0]["std"], std, rtol=1e-6)
+    # band wavelengths as the store has them (the synthetic HSI's band centres; none for LiDAR)
+    hsi, lidar = scene.modality_meta("hsi"), scene.modality_meta("lidar")
+    assert hsi.wavelengths_nm is not None and lidar.wavelengths_nm is None
+    assert m["modalities"][0]["wavelengths_nm"] == pytest.approx(hsi.wavelengths_nm)
+    assert len(m["modalities"][0]["wavelengths_nm"]) == 16 and m["modalities"][1]["wavelengths_nm"] is None
+    assert [x["band_names"] for x in m["modalities"]] == [hsi.band_names, lidar.band_names]
     assert m["geometry"]["tile_size"] == 16 and m["geometry"]["patch_size"] == 5
     assert m["geometry"]["window_size"] == 16 + 2 * m["geometry"]["halo"]
     assert m["noise"]["timesteps"] == [5, 100] and m["noise"]["draws"] == 1
@@ -105,6 +111,27 @@ def test_package_has_the_manifest_and_the_graphs(exported):
     inputs = onnx.load(str(pkg / "model.onnx")).graph.input
     assert [i.name for i in inputs] == ["window", "noise", "present"]
     assert inputs[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
+
+
+def test_the_run_records_band_wavelengths_and_older_runs_read_them_from_the_store(tmp_path):
+    from bdgf.run import Run
+
+    store = tmp_path / "tiny.zarr"
+    write_scene(make_scene("tiny", 0), store)
+    scene = Scene.open(store)
+    run = Run(tmp_path / "run").create(scene, RunConfig())
+    recorded = json.loads(run.info_path.read_text())["bands"]
+    assert recorded["hsi"]["wavelengths_nm"] == pytest.approx(scene.modality_meta("hsi").wavelengths_nm)
+    assert recorded["lidar"] == {"wavelengths_nm": None, "band_names": scene.modality_meta("lidar").band_names}
+    # the store's band coordinate: wavelengths where known, band indices where not
+    np.testing.assert_allclose(np.asarray(scene.root["modalities/band_hsi"]), recorded["hsi"]["wavelengths_nm"])
+    np.testing.assert_array_equal(np.asarray(scene.root["modalities/band_lidar"]), [0])
+    info = run.info()
+    del info["bands"]  # a run made before the wavelengths were recorded
+    run.info_path.write_text(json.dumps(info))
+    assert run.bands() == recorded
+    store.rename(tmp_path / "gone.zarr")
+    assert run.bands() is None
 
 
 FRESH = r"""
