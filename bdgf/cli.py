@@ -62,15 +62,25 @@ VAL_SPLIT_HELP = ("How val is carved from train: regions (whole labelled regions
 @command(also=(KeyError,))
 def synth(
     out: Path = typer.Argument(..., help="Scene store to create (a folder, e.g. demo.zarr)."),
-    preset: str = typer.Option("demo", help="Scene preset: tiny, demo, imbalance or sar."),
+    preset: str = typer.Option("demo", help="Scene preset: tiny, demo, imbalance, sar, or mosaic (a large "
+                               "unlabelled mosaic with the demo preset's modalities, written chunk by chunk)."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same scene."),
     val_split: str = typer.Option("regions", "--val-split", help=VAL_SPLIT_HELP),
+    size: Optional[int] = typer.Option(None, "--size", help="mosaic preset: side in pixels (default 8192)."),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Make a deterministic synthetic scene (classes with spectra, elevation, labels) and store it."""
-    from bdgf.data.scene import write_scene
+    from bdgf.data.scene import Scene, write_scene
     from bdgf.data.synthetic import make_scene
 
+    if preset == "mosaic":
+        from bdgf.bulk.synthetic import write_mosaic
+
+        path = write_mosaic(out, size or 8192, seed, overwrite=overwrite, progress=True)
+        typer.echo(Scene.open(path).summary())
+        return
+    if size is not None:
+        raise BDGFError(f"--size is for --preset mosaic; the {preset} preset has a fixed size")
     scene = write_scene(make_scene(preset, seed, val_split=val_split), out, overwrite=overwrite, progress=True)
     typer.echo(scene.summary())
 
