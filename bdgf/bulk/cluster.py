@@ -20,7 +20,7 @@ from typing import Iterator
 
 from bdgf.errors import BDGFError
 
-CONNECT_TIMEOUT = 5  # seconds to wait for a named scheduler to answer
+CONNECT_TIMEOUT = 3  # seconds to wait for a named scheduler to answer
 
 
 def gpu_missing() -> str | None:
