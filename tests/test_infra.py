@@ -180,25 +180,138 @@ def _kuberay() -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-def test_kuberay_manifest_has_what_the_docs_promise():
-    docs = _kuberay()
-    pvc = docs["PersistentVolumeClaim"]
-    assert pvc["metadata"]["name"] == "bdgf-data" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    job = docs["RayJob"]
-    assert job["apiVersion"] == "ray.io/v1"
-    spec = job["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    cluster = spec["rayClusterSpec"]
-    assert cluster["rayVersion"] == _pins()["ray"]
+def _yaml_docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((REPO / "infra" / name).read_text()) if d]
+
+
+def _uses_the_data_volume(pod: dict) -> None:
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "bdgf-data"}} in pod["volumes"]
+    for c in pod["containers"]:
+        assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"], c["name"]
+
+
+def _check_ray_cluster_spec(cluster: dict) -> list[tuple[str, dict]]:
+    """What KubeRay requires of a RayCluster spec (also inside RayJob / RayService): the pinned Ray,
+    a head group and worker groups with a pod template each, replica bounds that hold, the shared
+    volume, the CPU image on the head and the CUDA image with one GPU on GPU workers."""
+    assert str(cluster["rayVersion"]) == _pins()["ray"]
+    assert isinstance(cluster["headGroupSpec"]["rayStartParams"], dict)
     groups = [("head", cluster["headGroupSpec"])] + [("worker", g) for g in cluster["workerGroupSpecs"]]
     for role, g in groups:
         pod = g["template"]["spec"]
         (c,) = pod["containers"]
-        assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
-        assert {"name": "data", "persistentVolumeClaim": {"claimName": "bdgf-data"}} in pod["volumes"]
+        assert c["name"] and c["image"]
+        _uses_the_data_volume(pod)
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         assert c["image"].endswith("-cuda" if role == "worker" else "-cpu"), c["image"]
         assert (gpus == "1") == (role == "worker")
+        if role == "worker":
+            assert g["groupName"] and isinstance(g["rayStartParams"], dict)
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+    return groups
+
+
+def test_every_infra_yaml_parses_and_names_its_kind():
+    """Each YAML in infra/ loads; the Kubernetes ones carry apiVersion, kind and metadata.name."""
+    files = sorted((REPO / "infra").glob("*.yaml"))
+    assert {f.name for f in files} >= {"ray-cluster.yaml", "serve.yaml", "k8s-data.yaml", "kuberay-rayjob.yaml",
+                                       "kuberay-raycluster.yaml", "kuberay-rayservice.yaml", "dask-bulk-job.yaml"}
+    for f in files:
+        docs = _yaml_docs(f.name)
+        assert docs, f.name
+        for d in docs:
+            if "kind" in d:
+                assert d["apiVersion"] and d["metadata"]["name"], f.name
+
+
+def test_the_shared_volume():
+    (pvc,) = _yaml_docs("k8s-data.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["apiVersion"] == "v1"
+    assert pvc["metadata"]["name"] == "bdgf-data" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+
+
+def test_kuberay_raycluster():
+    (rc,) = _yaml_docs("kuberay-raycluster.yaml")
+    assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
+    groups = _check_ray_cluster_spec(rc["spec"])
+    assert any(g.get("maxReplicas", 0) > g.get("minReplicas", 0) for _, g in groups[1:])
+    assert rc["spec"]["enableInTreeAutoscaling"] is True
+
+
+def test_kuberay_rayservice_deploys_our_application_builder(tmp_path):
+    """The Serve config inside the RayService is one Serve accepts (its own schema), names
+    serving.app's application builder with the arguments it takes, and the settings file it points
+    at is the one the images copy."""
+    import importlib
+    import inspect
+
+    from ray.serve.schema import ServeDeploySchema
+
+    (svc,) = _yaml_docs("kuberay-rayservice.yaml")
+    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
+    _check_ray_cluster_spec(svc["spec"]["rayClusterConfig"])
+    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_cfg)
+    (app,) = serve_cfg["applications"]
+    module, attr = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder) and len(inspect.signature(builder).parameters) == 1  # Serve passes the args dict
+    assert set(app["args"]) <= {"package", "config"} and app["args"]["package"].startswith("/data/")
+    config = app["args"]["config"]
+    assert config.startswith("/opt/bdgf/")
+    rel = config.removeprefix("/opt/bdgf/")
+    assert (REPO / rel).is_file()
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        assert f"COPY --chown=ray:users {rel} ./{rel}" in _dockerfile(name), name
+    env = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "PYTHONPATH", "value": "/opt/bdgf"} in env  # serving/ is importable in the image
+
+
+def test_dask_bulk_job_runs_bdgf_classify_against_its_scheduler():
+    import typer.main
+
+    from bdgf.cli import app
+
+    (job,) = _yaml_docs("dask-bulk-job.yaml")
+    assert job["apiVersion"] == "kubernetes.dask.org/v1" and job["kind"] == "DaskJob"
+    pod = job["spec"]["job"]["spec"]
+    _uses_the_data_volume(pod)
+    (c,) = pod["containers"]
+    words = c["args"]
+    assert words[:2] == ["bdgf", "classify"]
+    opts = {o for p in typer.main.get_command(app).commands["classify"].params for o in p.opts}
+    used = {w for w in words if w.startswith("--")}
+    assert used and used <= opts, used - opts
+    assert words[words.index("--scheduler") + 1] == "$(DASK_SCHEDULER_ADDRESS)"
+    assert all(words[words.index(o) + 1].startswith("/data/") for o in ("--model", "--out", "--cog"))
+    cluster = job["spec"]["cluster"]["spec"]
+    worker, scheduler = cluster["worker"], cluster["scheduler"]
+    assert worker["replicas"] >= 1
+    _uses_the_data_volume(worker["spec"])
+    (w,) = worker["spec"]["containers"]
+    assert w["args"][:2] == ["dask", "worker"] and w["args"][w["args"].index("--nthreads") + 1] == "1"
+    (s,) = scheduler["spec"]["containers"]
+    assert s["args"][:2] == ["dask", "scheduler"]
+    port = int(s["args"][s["args"].index("--port") + 1])
+    assert any(p["containerPort"] == port for p in s["ports"])
+    svc = scheduler["service"]
+    assert svc["selector"] == {"dask.org/cluster-name": job["metadata"]["name"], "dask.org/component": "scheduler"}
+    assert any(p["port"] == port for p in svc["ports"])
+    for cmd in (["dask", "worker", "--help"], ["dask", "scheduler", "--help"]):  # the options exist
+        out = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], capture_output=True,
+                             text=True, timeout=120).stdout
+        args = w["args"] if cmd[1] == "worker" else s["args"]
+        assert all(a in out for a in args if a.startswith("--")), cmd
+
+
+def test_kuberay_manifest_has_what_the_docs_promise():
+    docs = _kuberay()
+    job = docs["RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    groups = _check_ray_cluster_spec(spec["rayClusterSpec"])
     workers = sum(g["replicas"] for _, g in groups[1:])
     words = shlex.split(spec["entrypoint"])
     assert words[0] == "python" and words[1].startswith("/opt/bdgf/")
@@ -252,6 +365,16 @@ def test_cuda_dockerfile_builds_mamba_without_build_isolation():
     mamba = [ln for ln in text.replace("\\\n", " ").splitlines() if "mamba-ssm" in ln and "pip install" in ln]
     assert mamba and all("--no-build-isolation" in ln for ln in mamba)
     assert text.index("torch.version.cuda") < text.index("mamba-ssm>=")  # built after a CUDA torch is in
+
+
+def test_cuda_dockerfile_installs_the_cuda_extra_as_pyproject_declares_it():
+    """mamba-ssm, causal-conv1d and TensorRT in the CUDA image are the `cuda` extra's requirements,
+    word for word, each behind its build switch."""
+    text = _dockerfile("Dockerfile.cuda")
+    for req in _pyproject()["project"]["optional-dependencies"]["cuda"]:
+        assert f'"{req}"' in text, req
+    assert "ARG WITH_TENSORRT=1" in text and "ARG WITH_MAMBA=1" in text
+    assert "import tensorrt" in text  # the build fails when TensorRT does not import
 
 
 # ----------------------------------------------------------------------------- GPU smoke check, gpu marker
