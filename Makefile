@@ -11,7 +11,7 @@ TORCH_PIN := $(shell grep '^torch==' constraints.txt)
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-cuda demo test test-slow bench gpu-check clean
+.PHONY: install install-cuda demo test test-slow two-node bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Two Ray nodes on this machine: jobs, Serve on that cluster, teardown (infra/two_node_local.sh).
+two-node: $(STAMP)
+	BIN=$(abspath $(BIN)) bash infra/two_node_local.sh
 
 # Long measurements (minutes to tens of minutes); figures go to benchmarks/RESULTS.md.
 bench: $(STAMP)
