@@ -7,6 +7,7 @@ coordinates and CRS:
       probabilities (class, y, x) uint8 round(255 · p), only with probabilities=True
       y (y,), x (x,)             pixel-centre coordinates in map units (pixel indices without a transform)
       spatial_ref ()             CF grid mapping: attrs crs_wkt, spatial_ref, GeoTransform
+      _bulk/                     the run's manifest and done markers (bdgf.bulk.resume)
 
 Every array is chunked c×c over (y, x) like the chunk plan, so each task writes whole chunks of
 every array (Zarr has no locking; no two tasks share a chunk).
@@ -34,6 +35,7 @@ def create_map(path: Path, *, height: int, width: int, chunk: int, class_names: 
                crs_wkt: str | None, transform: tuple | None, probabilities: bool) -> None:
     """Create the (empty) output group at ``path`` (a new directory)."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.create_group("_bulk", attributes={"about": "bdgf bulk classification: manifest.json and done/ markers"})
     if transform is not None:
         x0, dx, _, y0, _, dy = transform
     else:

@@ -1,6 +1,7 @@
 """What makes a bulk run resumable: its manifest and one done marker per chunk, inside the output.
 
-    OUT.zarr/bulk.json             {"parameters": {...}, "status": running|complete, ...}
+    OUT.zarr/_bulk/                a Zarr group (so Zarr and xarray list the output without complaint)
+    OUT.zarr/_bulk/manifest.json   {"parameters": {...}, "status": running|complete, ...}
     OUT.zarr/_bulk/done/<i>.<j>    {"attempt": ..., "backend": ..., "pixels": ...}, written after the chunk's data
 
 ``parameters`` are everything that decides the output's bytes: the model's checksum, the back
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from bdgf.errors import BDGFError
 
-MANIFEST = "bulk.json"
+MANIFEST = Path("_bulk") / "manifest.json"
 DONE = Path("_bulk") / "done"
 FORMAT = 1
 
