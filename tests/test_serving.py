@@ -12,7 +12,10 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +111,32 @@ def tiff_bytes(x, crs=CRS_UTM, transform=GEO, nodata=None) -> bytes:
 def read_tiff(body: bytes):
     with MemoryFile(body) as mem, mem.open() as ds:
         return ds.read(), ds.crs, ds.transform, ds.nodata, ds.descriptions
+
+
+def test_bdgf_serve_prints_its_url_serves_and_stops_on_ctrl_c(pkg, tmp_path):
+    """`bdgf serve` in its own process (its own local Ray; runs before the module's Serve starts)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BDGF_ORT_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-c", "from bdgf.cli import main; main()", "serve", str(pkg),
+                             "--port", str(port), "--config", str(REPO / "infra" / "serve.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while f"at http://127.0.0.1:{port}" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
 
 
 def test_a_geotiff_gives_the_in_process_classes_and_keeps_its_georeference(pkg, backend, url):
