@@ -189,6 +189,26 @@ def test_a_scheduler_that_does_not_answer_is_a_fast_clear_error(setup, tmp_path)
                                    "--chunk", "64", "--scheduler", addr])
     assert res.exit_code == 2
     assert res.output.strip().splitlines()[-1].startswith(f"error: no Dask scheduler answers at {addr}")
+    assert not (tmp_path / "x.zarr").exists()  # nothing written
+
+
+def test_a_run_is_exported_once_next_to_the_output_and_reused(setup, cluster, tmp_path):
+    from bdgf.cli import app
+
+    d, pkg, store, whole = setup
+    out = tmp_path / "fromrun.zarr"
+    args = ["classify", str(store), "--out", str(out), "--run", str(d / "run"), "--chunk", "64",
+            "--scheduler", cluster.scheduler_address]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    made = tmp_path / "fromrun.zarr.model" / "model.json"
+    assert f"exported the model package {made.parent}" in res.output and made.exists()
+    np.testing.assert_array_equal(zarr.open_array(str(out / "classes"))[...], whole.classes)
+    stamp = made.stat().st_mtime_ns
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"reusing the model package {made.parent}" in res.output and "classified 0 chunks (9 skipped" in res.output
+    assert made.stat().st_mtime_ns == stamp
 
 
 def test_bad_inputs_are_clear_errors(setup, cluster, tmp_path):

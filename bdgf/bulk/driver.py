@@ -53,15 +53,19 @@ class BulkResult:
         return text
 
 
-def _prepare_output(out: Path, parameters: dict, *, shape, chunk, package, mosaic, probabilities,
-                    overwrite: bool) -> None:
-    """Create ``out`` (atomically: a temporary directory renamed), replace it (``overwrite``) or
-    check that it was made with the same ``parameters`` (resume)."""
-    if out.exists() and not overwrite:
-        if not out.is_dir():
-            raise BDGFError(f"{out}: exists and is not a bulk classification output; pass --overwrite to replace it")
-        check_parameters(out, parameters)
-        return
+def _resuming(out: Path, parameters: dict, overwrite: bool) -> bool:
+    """True when ``out`` is an output of the same ``parameters`` to resume; False when it is to be
+    created (or replaced: ``overwrite``); a BDGFError when it belongs to another run."""
+    if not out.exists() or overwrite:
+        return False
+    if not out.is_dir():
+        raise BDGFError(f"{out}: exists and is not a bulk classification output; pass --overwrite to replace it")
+    check_parameters(out, parameters)
+    return True
+
+
+def _create_output(out: Path, parameters: dict, *, shape, chunk, package, mosaic, probabilities) -> None:
+    """Create ``out`` (atomically: a temporary directory renamed), replacing one that exists."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         create_map(tmp, height=shape[0], width=shape[1], chunk=chunk, class_names=package.class_names,
@@ -113,17 +117,19 @@ def classify_mosaic(out: str | Path, *, package: str | Path | None = None, run: 
     parameters = {"model_sha256": model_checksum(pkg), "backend": (backend or "auto").lower(), "chunk": int(chunk),
                   "halo": pkg.halo, "inputs": mosaic.describe(), "probabilities": bool(probabilities),
                   "batch": int(batch)}
-    _prepare_output(out, parameters, shape=(mosaic.height, mosaic.width), chunk=chunk, package=pkg, mosaic=mosaic,
-                    probabilities=probabilities, overwrite=overwrite)
+    resuming = _resuming(out, parameters, overwrite)  # another run's output is refused before any work
     chunks = plan.chunks()
-    done = done_keys(out)
+    done = done_keys(out) if resuming else set()
     todo = [c for c in chunks if c.key not in done]
     attempt = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     result = BulkResult(out, (mosaic.height, mosaic.width), len(chunks), 0, len(chunks) - len(todo), 0, 0.0,
                         package=Path(package))
     if todo:
         pkg_path = str(Path(package).absolute())
-        with dask_client(scheduler, workers, threads, gpu) as client:
+        with dask_client(scheduler, workers, threads, gpu) as client:  # an unreachable scheduler: nothing written
+            if not resuming:
+                _create_output(out, parameters, shape=(mosaic.height, mosaic.width), chunk=chunk, package=pkg,
+                               mosaic=mosaic, probabilities=probabilities)
             result.dashboard = client.dashboard_link
             echo(f"dask: {len(todo)} chunks of {chunk} px to classify ({result.skipped} done before); "
                  f"dashboard {result.dashboard}")
