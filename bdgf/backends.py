@@ -3,7 +3,7 @@ classification alike: raw sensor values (or normalised windows) and tile origins
 confidence out.
 
     pkg = ModelPackage.open("pkg")                 # model.json: classes, bands, statistics, geometry
-    backend = open_backend("pkg")                  # BDGF_BACKEND=auto|tensorrt|onnx|aoti|torch
+    backend = open_backend("pkg")                  # BDGF_BACKEND=auto|tensorrt|onnx|aoti|torch|onnx-int8
     out = backend.classify(raw, origins, absent=("lidar",), probabilities=False)
     out.classes (B, T, T) uint8/uint16, 0 = nodata; out.confidence (B, T, T) uint8 0..255
 
@@ -18,7 +18,9 @@ device), ONNX Runtime with the CUDA provider, then with the CPU provider (``mode
 AOTInductor (``model_aoti.pt2``), eager PyTorch (``program.pt2``, the torch.export program). The
 choice and its reason are logged once per package (logger ``bdgf.backends``, INFO) and kept in
 ``backend.name`` / ``backend.reason``. ``BDGF_BACKEND`` forces one; a forced back end that cannot
-run is a one-line error, never a silent fallback.
+run is a one-line error, never a silent fallback. ``onnx-int8`` (``model_int8.onnx``, written by
+``bdgf export --int8``: dynamic int8 quantisation, CPU provider) runs only when named this way;
+auto never picks it, since its outputs differ from the model's (the manifest's "checks").
 
 ONNX Runtime session options (:func:`onnx_session`): intra-op threads = the CPUs this process may
 use (``BDGF_ORT_THREADS`` overrides; a serving replica sets it to its share), inter-op threads 1
@@ -45,7 +47,8 @@ from bdgf.presence import presence_flags
 log = logging.getLogger(__name__)
 
 MANIFEST = "model.json"
-BACKENDS = ("tensorrt", "onnx", "aoti", "torch")
+BACKENDS = ("tensorrt", "onnx", "aoti", "torch")  # the order auto tries them in
+OPT_IN = ("onnx-int8",)  # run only when asked for by name: their outputs differ from the model's
 ENV = "BDGF_BACKEND"
 _LOGGED: set[tuple[str, str]] = set()
 
@@ -248,12 +251,16 @@ def onnx_session(path: str | Path, threads: int | None = None, providers: Sequen
 
 
 class OnnxBackend(Backend):
+    """ONNX Runtime on ``model.onnx`` (kind ``onnx``) or on its int8 copy ``model_int8.onnx``
+    (kind ``onnx-int8``, CPU provider)."""
+
     name = "onnx"
 
     def __init__(self, package: ModelPackage, reason: str = "", providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None):
+                 threads: int | None = None, kind: str = "onnx"):
         super().__init__(package, reason)
-        self.session = onnx_session(package.file("onnx"), threads, providers)
+        self.name = kind
+        self.session = onnx_session(package.file(kind), threads, providers)
         self.providers = self.session.get_providers()
 
     def run(self, window, noise, present):
@@ -327,12 +334,12 @@ class TensorRTBackend(Backend):
 def _why_not(package: ModelPackage, kind: str) -> str | None:
     """Why back end ``kind`` cannot run this package here (None: it can)."""
     if kind not in ("torch",) and package.file(kind) is None:
-        return f"the package has no {kind} graph"
+        return f"the package has no {kind} graph" + (" (export it with --int8)" if kind == "onnx-int8" else "")
     if kind == "tensorrt":
         from bdgf.export import tensorrt_missing
 
         return tensorrt_missing()
-    if kind == "onnx":
+    if kind in ("onnx", "onnx-int8"):
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
@@ -353,6 +360,8 @@ def _why_not(package: ModelPackage, kind: str) -> str | None:
 def _build(package: ModelPackage, kind: str, reason: str) -> Backend:
     if kind == "tensorrt":
         return TensorRTBackend(package, reason)
+    if kind == "onnx-int8":  # ConvInteger / MatMulInteger: CPU kernels
+        return OnnxBackend(package, f"{reason}; providers ['CPUExecutionProvider']", kind=kind)
     if kind == "onnx":
         import onnxruntime as ort
 
@@ -366,11 +375,12 @@ def _build(package: ModelPackage, kind: str, reason: str) -> Backend:
 
 def open_backend(package: str | Path | ModelPackage, backend: str | None = None) -> Backend:
     """The back end for a package: ``backend`` or ``$BDGF_BACKEND`` (auto when unset) — the first
-    of TensorRT, ONNX Runtime (CUDA, then CPU), AOTInductor, eager PyTorch that can run here."""
+    of TensorRT, ONNX Runtime (CUDA, then CPU), AOTInductor, eager PyTorch that can run here.
+    ``onnx-int8`` (the package's int8 ONNX, CPU) runs only when named; auto never picks it."""
     pkg = package if isinstance(package, ModelPackage) else ModelPackage.open(package)
     choice = (backend or os.environ.get(ENV) or "auto").strip().lower()
-    if choice not in (*BACKENDS, "auto"):
-        raise BDGFError(f"unknown back end {choice!r} ({ENV}); use {', '.join(BACKENDS)} or auto")
+    if choice not in (*BACKENDS, *OPT_IN, "auto"):
+        raise BDGFError(f"unknown back end {choice!r} ({ENV}); use {', '.join((*BACKENDS, *OPT_IN))} or auto")
     if choice != "auto":
         why = _why_not(pkg, choice)
         if why:

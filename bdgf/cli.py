@@ -285,8 +285,12 @@ def cv(
 def export(
     run: Path = typer.Argument(..., help="Run directory with a trained classifier."),
     out: Path = typer.Option(..., "--out", help="Package directory to write (graph files + model.json)."),
-    format_: str = typer.Option("onnx", "--format", help="onnx, aoti, tensorrt, or all (every format "
-                                "this machine can build; the others are listed as skipped)."),
+    format_: str = typer.Option("onnx", "--format", help="onnx, onnx-int8, aoti, tensorrt, a comma list, or all "
+                                "(onnx, aoti, tensorrt: every one this machine can build; the others are listed "
+                                "as skipped)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write model_int8.onnx: model.onnx dynamically quantised "
+                              "to int8 for the CPU (back end onnx-int8, only when named; the manifest's checks give "
+                              "its difference from PyTorch)."),
     seed: Optional[int] = typer.Option(None, help="Classifier seed (default: the config's train seed)."),
     max_batch: int = typer.Option(16, "--max-batch", help="Largest batch the graphs take (TensorRT profile 1..N)."),
     aoti_device: str = typer.Option("cpu", "--aoti-device", help="Device the AOTInductor package is compiled "
@@ -296,13 +300,14 @@ def export(
     """Export a trained run as a self-contained model package (bdgf.export; run it with bdgf.backends)."""
     from bdgf.export import export_run, parse_formats
 
-    formats = parse_formats(format_)
+    formats = parse_formats(format_, int8=int8)
     manifest = export_run(run, out, formats, seed=seed, max_batch=max_batch, overwrite=overwrite,
                           strict=format_.strip() != "all", aoti_device=aoti_device)
     for name, entry in manifest["files"].items():
         typer.echo(f"{out / name}  {entry['format']}  {entry['bytes']} bytes")
     for fmt, check in manifest["checks"].items():
-        typer.echo(f"{fmt}: max abs difference vs PyTorch {check['max_abs_diff']:.2e} on {check['inputs']}")
+        agree = f", same class at {100 * check['class_agreement']:.2f}% of pixels" if "class_agreement" in check else ""
+        typer.echo(f"{fmt}: max abs difference vs PyTorch {check['max_abs_diff']:.2e}{agree} on {check['inputs']}")
     for fmt, why in manifest["skipped"].items():
         typer.echo(f"{fmt}: skipped ({why})")
     typer.echo(f"{out / 'model.json'}")

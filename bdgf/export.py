@@ -1,6 +1,6 @@
 """A trained run as a self-contained model package: graph files plus a ``model.json`` manifest.
 
-    bdgf export RUN --format onnx|aoti|tensorrt|all --out DIR [--seed K]
+    bdgf export RUN --format onnx|aoti|tensorrt|all --out DIR [--seed K] [--int8]
 
     DIR/model.json       the manifest (below); everything a caller needs besides the graph: classes
                          and colours, each modality's bands (count, names, centre wavelengths in nm
@@ -9,6 +9,9 @@
     DIR/program.pt2      the torch.export program (always): eager PyTorch without the run directory
     DIR/model.onnx       ONNX (dynamo exporter), dynamic batch axis; checked with onnx.checker and
                          against PyTorch (the max abs difference is in the manifest's "checks")
+    DIR/model_int8.onnx  only with --int8 (format onnx-int8): model.onnx dynamically quantised to int8
+                         for the CPU (:data:`INT8`); its outputs differ from PyTorch's (the manifest's
+                         "checks" give the max abs difference and the class agreement)
     DIR/model_aoti.pt2   an AOTInductor package (torch._inductor.aoti_compile_and_package) for one
                          device: ``aoti_device`` (default cpu; cuda on a GPU host), in the manifest
     DIR/model.engine     a TensorRT engine built from the ONNX (fp16, one optimisation profile for
@@ -16,10 +19,10 @@
 
 The graph is :class:`bdgf.inference.TileClassifier` of :meth:`bdgf.pipeline.Pipeline.from_run`:
 inputs window (B, C, S, S) normalised with NaN = nodata, noise (B, n, C, S, S) position-keyed
-(:func:`bdgf.diffusion.features.tile_noise`), present (B, M); output probs (B, K, T, T), zeros at
+(:func:`bdgf.noise.tile_noise`), present (B, M); output probs (B, K, T, T), zeros at
 nodata. Normalisation and the noise run beside the graph (:mod:`bdgf.backends`), from the
-manifest alone. ``--format all`` builds every format this machine can build and records the
-others under "skipped" with the reason.
+manifest alone. ``--format all`` builds every format this machine can build (onnx, aoti,
+tensorrt; int8 only with ``--int8``) and records the others under "skipped" with the reason.
 """
 
 from __future__ import annotations
@@ -42,9 +45,24 @@ MANIFEST = "model.json"
 PACKAGE_FORMAT = 1
 INPUTS = ("window", "noise", "present")
 OUTPUTS = ("probs",)
-FILES = {"torch": "program.pt2", "onnx": "model.onnx", "aoti": "model_aoti.pt2", "tensorrt": "model.engine"}
-FORMATS = ("onnx", "aoti", "tensorrt")
+FILES = {"torch": "program.pt2", "onnx": "model.onnx", "onnx-int8": "model_int8.onnx", "aoti": "model_aoti.pt2",
+         "tensorrt": "model.engine"}
+FORMATS = ("onnx", "onnx-int8", "aoti", "tensorrt")  # build order
+ALL = ("onnx", "aoti", "tensorrt")  # what "all" builds: int8 changes the outputs, so only when asked
 ONNX_OPSET = 18
+# Dynamic int8 quantisation of model.onnx for the CPU (onnxruntime.quantization.quantize_dynamic):
+# weights int8 once, activations quantised per tensor at run time (DynamicQuantizeLinear).
+# - op types: Conv -> ConvInteger and MatMul/Gemm -> MatMulInteger, the ops that hold the weights
+#   (the UNet and CNN convolutions, the Mamba/transformer projections). Dynamic quantisation does
+#   support Conv (IntegerOpsRegistry maps it to ConvInteger, which ONNX Runtime's CPU provider runs),
+#   but only with a per-tensor activation scale computed on the fly for every call.
+# - weights QUInt8: ConvInteger with int8 (QInt8) weights ran about 2x slower than fp32 Conv here
+#   (measured on the random run's graph, 1 thread), with uint8 weights faster than fp32; the
+#   MatMulInteger kernels take either.
+# - per tensor, not per channel: per-channel weights ran slower and were no closer to fp32 on the
+#   random and the demo run's graphs (benchmarks/bench_backends.py reports the accuracy cost).
+INT8 = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QUInt8", "per_channel": False,
+        "reduce_range": False, "op_types": ["Conv", "MatMul", "Gemm"]}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -55,14 +73,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def parse_formats(value: str) -> list[str]:
-    """"onnx", "aoti", "tensorrt", a comma list of them, or "all" -> the formats, in build order."""
+def parse_formats(value: str, int8: bool = False) -> list[str]:
+    """"onnx", "onnx-int8", "aoti", "tensorrt", a comma list of them, or "all" (onnx, aoti,
+    tensorrt) -> the formats, in build order; ``int8`` adds onnx-int8 (and the onnx it is made from)."""
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names == ["all"]:
-        return list(FORMATS)
+        names = list(ALL)
     bad = [n for n in names if n not in FORMATS]
     if not names or bad:
-        raise BDGFError(f"unknown export format {value!r}; use onnx, aoti, tensorrt or all")
+        raise BDGFError(f"unknown export format {value!r}; use onnx, onnx-int8, aoti, tensorrt or all")
+    if int8 or "onnx-int8" in names:
+        names += ["onnx", "onnx-int8"]  # the int8 graph is quantised from model.onnx, which the package keeps
     return [f for f in FORMATS if f in names]
 
 
@@ -148,7 +169,7 @@ def _check_inputs(pipe, count: int = 2, seed: int = 0):
     (window, noise, present) tensors and what they are."""
     import torch
 
-    from bdgf.diffusion.features import tile_noise
+    from bdgf.noise import tile_noise
     from bdgf.tiler import read_windows
 
     S = pipe.spec.tile_size + 2 * pipe.spec.halo
@@ -161,8 +182,14 @@ def _check_inputs(pipe, count: int = 2, seed: int = 0):
         grid = pipe.grid(*scene.shape)
         origins = list(grid.origins())[:count]
         windows = read_windows(scene, grid, origins, nodata=np.nan)
-        corners = [grid.window(o)[:2] for o in origins]
+        corners = [tuple(map(int, grid.window(o)[:2])) for o in origins]
         what = f"{len(origins)} tiles of {store}"
+        if len(corners) < count:  # a scene of fewer tiles: a batch of 1 would fix the dynamic batch axis at 1
+            extra = count - len(corners)
+            windows = np.concatenate([windows, np.repeat(windows[:1], extra, axis=0)])
+            r0, c0 = corners[0]  # the first tile again, further along its row (noise keyed there)
+            corners += [(r0, c0 + k * pipe.spec.tile_size * (grid.shape[1] + 1)) for k in range(1, extra + 1)]
+            what += f" (the first repeated at other origins: a batch of {count})"
     else:
         rng = np.random.default_rng(seed)
         windows = rng.standard_normal((count, C, S, S)).astype(np.float32)
@@ -199,6 +226,25 @@ def write_onnx(program, path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001
         raise BDGFError(f"{path}: the exported ONNX fails onnx.checker ({exc})") from exc
+
+
+def write_onnx_int8(onnx_path: Path, path: Path, settings: dict = INT8) -> None:
+    """The dynamically quantised (int8) copy of an ONNX file (:data:`INT8` says how and why)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quant_log = logging.getLogger()  # quantize_dynamic advises pre-processing on the root logger
+    level = quant_log.level
+    quant_log.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(onnx_path, path, op_types_to_quantize=list(settings["op_types"]),
+                         per_channel=bool(settings["per_channel"]), reduce_range=bool(settings["reduce_range"]),
+                         weight_type=QuantType[settings["weight_type"]])
+    except Exception as exc:  # noqa: BLE001 - the quantiser raises many kinds
+        raise BDGFError(f"{onnx_path}: int8 quantisation failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        quant_log.setLevel(level)
 
 
 def write_aoti(program, path: Path) -> None:
@@ -286,6 +332,15 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = ("
                 (got,) = sess.run(None, {"window": window.numpy(), "noise": noise.numpy(), "present": present.numpy()})
                 manifest["checks"]["onnx"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what,
                                               "checker": "onnx.checker.check_model(full_check=True)"}
+            elif fmt == "onnx-int8":
+                write_onnx_int8(tmp / FILES["onnx"], path)
+                sess = onnx_session(path, threads=1)
+                (got,) = sess.run(None, {"window": window.numpy(), "noise": noise.numpy(), "present": present.numpy()})
+                valid = want.max(axis=1) > 0
+                agree = float((got.argmax(1) == want.argmax(1))[valid].mean()) if valid.any() else float("nan")
+                manifest["export"]["int8"] = dict(INT8)
+                manifest["checks"]["onnx-int8"] = {"max_abs_diff": float(np.abs(got - want).max()), "inputs": what,
+                                                   "class_agreement": agree}
             elif fmt == "aoti":
                 dev = torch.device(aoti_device)
                 example = tuple(t.to(dev) for t in (window, noise, present))
