@@ -22,15 +22,15 @@ ORIGINS = [(0, 0), (16, 32), (32, 16)]
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    """(store, run, package dir, pipeline): the random run exported with --format all (ONNX and
-    one AOTInductor compile here; TensorRT skipped where it cannot be built), for batches of at
-    most 2 (larger batches are run in slices)."""
+    """(store, run, package dir, pipeline): the random run exported with --format all --int8 (ONNX,
+    its int8 copy and one AOTInductor compile here; TensorRT skipped where it cannot be built), for
+    batches of at most 2 (larger batches are run in slices)."""
     from bdgf.cli import app
     from bdgf.pipeline import Pipeline
 
     d = tmp_path_factory.mktemp("backends")
     store, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "all", "--out", str(d / "pkg"),
+    res = CliRunner().invoke(app, ["export", str(run), "--format", "all", "--int8", "--out", str(d / "pkg"),
                                   "--max-batch", "2"])  # so the 3 tiles below run as two slices
     assert res.exit_code == 0, res.output
     return store, run, d / "pkg", Pipeline.from_run(run, seed=0), res.output
@@ -43,7 +43,7 @@ def test_all_builds_what_it_can_and_says_what_it_skipped(package):
 
     _, _, pkg, _, output = package
     m = json.loads((pkg / "model.json").read_text())
-    assert {"onnx", "aoti", "torch"} <= {e["format"] for e in m["files"].values()}
+    assert {"onnx", "onnx-int8", "aoti", "torch"} <= {e["format"] for e in m["files"].values()}
     assert m["export"]["max_batch"] == 2
     assert m["checks"]["aoti"]["max_abs_diff"] < 1e-4 and m["checks"]["onnx"]["max_abs_diff"] < 1e-4
     if tensorrt_missing():
@@ -138,6 +138,47 @@ def test_aoti_compiled_for_cuda_matches_the_pipeline(package, tmp_path):
     raw, want = raw_windows(store, pipe, ORIGINS)
     out = open_backend(tmp_path / "cuda", "aoti").classify(raw, ORIGINS, probabilities=True)
     np.testing.assert_allclose(out.probabilities, want, atol=1e-3)
+
+
+def test_int8_runs_when_named_and_agrees_with_fp32_on_most_pixels(package):
+    """Dynamic int8 (ConvInteger/MatMulInteger, activations quantised per call) changes the
+    probabilities a little: on these random weights the max abs difference was ~0.015 and the
+    class differed at ~1-2% of pixels; the bounds below leave room for other CPUs' kernels but
+    fail if the graph were not the model (classes of random weights agree ~1/K = 25% by chance)."""
+    import json
+
+    import onnx
+
+    store, _, pkg, pipe, output = package
+    ops = {n.op_type for n in onnx.load(str(pkg / "model_int8.onnx")).graph.node}
+    assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= ops  # really quantised
+    m = json.loads((pkg / "model.json").read_text())
+    assert m["export"]["int8"]["weight_type"] == "QUInt8" and m["checks"]["onnx-int8"]["class_agreement"] > 0.9
+    assert "onnx-int8: max abs difference vs PyTorch" in output and "same class at" in output
+    raw, want = raw_windows(store, pipe, ORIGINS)
+    backend = open_backend(pkg, "onnx-int8")
+    assert backend.name == "onnx-int8" and backend.providers == ["CPUExecutionProvider"]
+    out = backend.classify(raw, ORIGINS, probabilities=True)
+    valid = want.max(1) > 0
+    assert out.classes[0, 3, 5] == 0 and out.confidence[0, 3, 5] == 0  # nodata stays nodata
+    assert np.array_equal(out.probabilities.max(1) > 0, valid)
+    assert np.abs(out.probabilities - want).max() < 0.1
+    agree = (out.probabilities.argmax(1) == want.argmax(1))[valid].mean()
+    assert agree > 0.9, agree
+
+
+def test_auto_never_picks_int8(package, tmp_path, monkeypatch):
+    """A package whose only graphs are the int8 ONNX and the torch program: auto runs torch."""
+    import shutil
+
+    _, _, pkg, _, _ = package
+    for name in ("model.json", "program.pt2", "model_int8.onnx"):
+        shutil.copy(pkg / name, tmp_path / name)
+    monkeypatch.delenv("BDGF_BACKEND", raising=False)
+    chosen = open_backend(tmp_path)
+    assert chosen.name == "torch" and "onnx: the package has no onnx graph" in chosen.reason
+    monkeypatch.setenv("BDGF_BACKEND", "onnx-int8")
+    assert open_backend(tmp_path).name == "onnx-int8"
 
 
 def test_class_map_dtypes_and_nodata():
