@@ -3,7 +3,8 @@
 * docs/method.md documents every configuration knob of :class:`bdgf.config.RunConfig` (the three
   sections and the nested dicts handed to their owners' dataclasses, walked here) in a table row
   ``| `key` | `default` | what it does |`` whose default is the one a run gets; and every config
-  key it mentions in backticks, and every ``--set key=value`` in docs/*.md and README.md, exists.
+  key it mentions in backticks, and every ``--set key=value`` in docs/*.md and README.md, exists;
+  the ``--set`` values of each command shown, applied together, pass the config's checks.
 * Every ``bdgf <command> --option`` shown as code (fenced and indented code blocks of shell
   kind, inline code spans) in docs/*.md and README.md is a command of the CLI with that option
   (``typer.main.get_command(bdgf.cli.app)``); code blocks for other tools (python, yaml, ...)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -162,6 +164,51 @@ def test_set_overrides_name_existing_keys():
     bad = [f"{_rel(p)}: --set {k}=" for p in doc_files() if p.exists()
            for k in SET.findall(p.read_text(encoding="utf-8")) if k not in known]
     assert not bad, f"--set of keys RunConfig does not have: {bad}"
+
+
+def set_overrides(code: str) -> list[dict[str, str]]:
+    """The ``--set key=value`` pairs of each `bdgf` invocation in a line of shell code, as one
+    dict of raw values per invocation (a README's ``[--set k=v]`` optional brackets removed)."""
+    out = []
+    for part in re.split(r"\s\|\s|&&|;", re.split(r"\s#", code)[0]):
+        if not INVOCATION.search(part) or "--set" not in part:
+            continue
+        try:
+            words = shlex.split(part)
+        except ValueError:
+            continue
+        pairs = {}
+        for i, w in enumerate(words[:-1]):
+            if w.lstrip("[") == "--set" and "=" in words[i + 1]:
+                item = words[i + 1]
+                if item.endswith("]") and item.count("]") > item.count("["):
+                    item = item[:-1]
+                key, value = item.split("=", 1)
+                pairs[key] = value
+        if pairs:
+            out.append(pairs)
+    return out
+
+
+def test_set_overrides_in_commands_build_a_valid_config():
+    """Each command's --set values, applied together to the default config, pass its checks."""
+    import yaml
+
+    from bdgf.config import ConfigError, RunConfig
+
+    bad = []
+    for path in doc_files():
+        if not path.exists():
+            continue
+        for n, code in code_snippets(path.read_text(encoding="utf-8")):
+            for pairs in set_overrides(code):
+                if any("…" in v or "..." in v for v in pairs.values()):
+                    continue  # a placeholder
+                try:
+                    RunConfig().with_overrides({k: yaml.safe_load(v) for k, v in pairs.items()})
+                except (ConfigError, yaml.YAMLError) as exc:
+                    bad.append(f"{_rel(path)}:{n}: {pairs}: {exc}")
+    assert not bad, "--set values that the config refuses:\n" + "\n".join(bad)
 
 
 # ----------------------------------------------------------------------------------------
