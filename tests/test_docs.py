@@ -9,9 +9,10 @@
   kind, inline code spans) in docs/*.md and README.md is a command of the CLI with that option
   (``typer.main.get_command(bdgf.cli.app)``); code blocks for other tools (python, yaml, ...)
   are skipped.
-* Every relative link in docs/*.md and README.md points at a file that exists.
-* No git-tracked file outside tests/ mentions the development machine's shared folder (a clone
-  has none).
+* Every relative link in docs/*.md and README.md points at a file that exists (and at a heading
+  of it that exists, for an anchor into a markdown page).
+* No git-tracked file outside tests/ mentions the development machine's shared folder or the
+  design notes kept there (a clone has neither).
 
 ``python tests/test_docs.py`` prints the knob tables' first two columns (key, default) as
 docs/method.md needs them, for when a knob is added.
@@ -325,22 +326,40 @@ def test_documented_commands_and_options_exist():
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
 
+def anchors(path: Path) -> set[str]:
+    """The heading anchors of a markdown page, as GitHub makes them (lower case, punctuation
+    other than hyphens and underscores dropped, spaces to hyphens, repeats numbered -1, -2...)."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    seen: dict[str, int] = {}
+    out = set()
+    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
 def test_relative_links_point_at_files():
     broken = []
     for path in doc_files():
         if not path.exists():
             continue
-        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # links inside code are code
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # links in code are code
+        text = re.sub(r"`[^`\n]*`", "", text)
         for target in LINK.findall(text):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
-                continue  # a URL, mailto:, or an anchor on the same page
-            file = target.split("#", 1)[0]
-            if not (path.parent / file).exists():
-                broken.append(f"{_rel(path)}: ({target})")
-    assert not broken, f"relative links to files that do not exist: {broken}"
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+                continue  # a URL, mailto:
+            file, _, anchor = target.partition("#")
+            dest = path if not file else path.parent / file
+            if not dest.exists():
+                broken.append(f"{_rel(path)}: ({target}) no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{_rel(path)}: ({target}) no such heading in {_rel(dest)}")
+    assert not broken, f"relative links to files (or headings) that do not exist: {broken}"
 
 
-SHARED = ("../shared", "/work/shared")
+SHARED = ("../shared", "/work/shared", "DESIGN.md")
 
 
 def test_no_file_points_at_the_shared_folder():
