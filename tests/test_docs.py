@@ -171,7 +171,7 @@ def set_overrides(code: str) -> list[dict[str, str]]:
     """The ``--set key=value`` pairs of each `bdgf` invocation in a line of shell code, as one
     dict of raw values per invocation (a README's ``[--set k=v]`` optional brackets removed)."""
     out = []
-    for part in re.split(r"\s\|\s|&&|;", re.split(r"\s#", code)[0]):
+    for part in re.split(r"\s\|\s|&&|;", re.split(r"(?:^|\s)#", code)[0]):
         if not INVOCATION.search(part) or "--set" not in part:
             continue
         try:
@@ -286,7 +286,7 @@ def invocations(code: str) -> list[tuple[str, list[str], str | None]]:
     """[(command, [--options], the next word)] of every `bdgf` command in a line of shell code;
     ``a|b`` in the command position is one invocation per alternative."""
     found = []
-    code = re.split(r"\s#", code)[0]  # a comment
+    code = re.split(r"(?:^|\s)#", code)[0]  # a comment
     for part in re.split(r"\s\|\s|&&|;|\|\||\$\(|\)", code):
         m = INVOCATION.search(part)
         if not m:
