@@ -95,6 +95,14 @@ def _response(reply: serve_api.Reply) -> Response:
     return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
 
 
+INLINE_BYTES = 1 << 18  # parse / format smaller payloads on the event loop (a thread hop costs more)
+
+
+async def off_loop(nbytes: int, fn, *args):
+    """``fn(*args)`` in a worker thread when it handles ``nbytes`` >= INLINE_BYTES, else inline."""
+    return fn(*args) if nbytes < INLINE_BYTES else await asyncio.to_thread(fn, *args)
+
+
 async def read_limited(request: Request, max_bytes: int) -> bytes:
     """The body, refused (413) as soon as it passes ``max_bytes`` (also without Content-Length)."""
     parts, n = [], 0
@@ -125,12 +133,13 @@ class Ingress:
             serve_api.check_content(headers.get("content-type"), headers.get("content-length"),
                                     int(self.config["max_body_bytes"]))
             body = await read_limited(request, int(self.config["max_body_bytes"]))
-            req = await asyncio.to_thread(serve_api.parse_request, body, dict(request.query_params), headers,
-                                          self.package, self.config)
+            req = await off_loop(len(body), serve_api.parse_request, body, dict(request.query_params), headers,
+                                 self.package, self.config)
             del body
             out = await self.model.classify.remote(req.raster.data, req.origin, req.region, req.absent,
                                                    req.probabilities)
-            reply = await asyncio.to_thread(serve_api.make_reply, req, out, self.package)
+            reply = await off_loop(out.classes.size * (2 + 4 * len(out.probabilities if out.probabilities is not None
+                                                                   else ())), serve_api.make_reply, req, out, self.package)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error reply
             reply = self._failure(exc)
         return _response(reply)
