@@ -289,8 +289,8 @@ def invocations(code: str) -> list[tuple[str, list[str], str | None]]:
     code = re.split(r"(?:^|\s)#", code)[0]  # a comment
     for part in re.split(r"\s\|\s|&&|;|\|\||\$\(|\)", code):
         m = INVOCATION.search(part)
-        if not m:
-            continue
+        if not m or re.search(r"\b(?:from|import)\s+bdgf\b", part):
+            continue  # no command, or Python in an indented block
         rest = m.group(2)
         sub = re.match(r"\s+([a-z][a-z-]*)", rest)
         opts = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)
