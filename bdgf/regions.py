@@ -23,8 +23,8 @@ windows (:meth:`RegionPlan.batches`), the replica sends them through its cross-r
 (:func:`classify_jobs`: one back-end call per absent set), and :meth:`RegionPlan.place` assembles;
 :func:`classify_region` is that loop with the back end called directly.
 
-Glossary (letters as in docs/glossary.md): C bands, H×W the image, h×w the region, T tile side,
-S = T + 2·halo the window side, K classes, B tiles per batch.
+Glossary (letters as in docs/glossary.md): C bands, H×W the image's pixel grid, T tile side,
+S = T + 2·halo the window side, K classes, B tiles per batch. (h, w) is the region's size.
 """
 
 from __future__ import annotations
