@@ -148,10 +148,14 @@ print(backend.name)
 
 
 def fresh_process_classify(pkg: Path, backend: str, raw: np.ndarray, origins, tmp: Path) -> dict:
-    """Run a package in a new Python process (no run directory, no test state) on raw windows:
-    its classes, confidence, probs, and torch_imported (whether torch was imported by then)."""
+    """Run a package in a new Python process (no run directory, no test state) on raw windows,
+    from a copy of the package in another folder (it must not name its own location): its
+    classes, confidence, probs, and torch_imported (whether torch was imported by then)."""
+    import shutil
+
+    copy = shutil.copytree(pkg, tmp / "copied_package")
     np.savez(tmp / "in.npz", raw=raw, origins=np.asarray(origins))
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(pkg), backend, str(tmp / "in.npz"), str(tmp / "out.npz")],
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(copy), backend, str(tmp / "in.npz"), str(tmp / "out.npz")],
                           capture_output=True, text=True, cwd=tmp, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "BDGF_ORT_THREADS": "1",
                                "PYTHONPATH": str(REPO)})
