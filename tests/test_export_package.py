@@ -134,6 +134,23 @@ def test_the_run_records_band_wavelengths_and_older_runs_read_them_from_the_stor
     assert run.bands() is None
 
 
+def test_a_scene_of_one_tile_still_gives_a_batch_to_export_with(exported):
+    """torch.export on a batch of 1 would fix the dynamic batch axis at 1: a scene smaller than a
+    tile (the tiny scene with the demo's T = 64) gives its one tile again at other origins."""
+    from dataclasses import replace
+
+    from bdgf.export import _check_inputs
+    from bdgf.pipeline import Pipeline
+
+    _, run, _, _ = exported
+    pipe = Pipeline.from_run(run, seed=0)
+    pipe = replace(pipe, spec=replace(pipe.spec, tile_size=64))  # 48 x 48 px: one tile
+    window, noise, present, what = _check_inputs(pipe, count=2)
+    assert window.shape[0] == noise.shape[0] == present.shape[0] == 2 and "repeated" in what
+    torch.testing.assert_close(window[1], window[0], equal_nan=True)
+    assert not torch.equal(noise[1], noise[0])  # another origin: other position-keyed noise
+
+
 FRESH = r"""
 import json, sys
 import numpy as np
