@@ -18,7 +18,8 @@ wires these into Ray Serve; :func:`classify` runs one request in-process (the re
         application/x-npy  classes (h, w); with probabilities float32 (2 + K, h, w) as the GeoTIFF
         application/json   {"classes", "confidence", ["probabilities"], "nodata_pixels",
                             "class_names", "region", "origin"}
-        Headers: X-BDGF-Nodata-Pixels (NaN/inf pixels: class 0), X-BDGF-Bands.
+        Headers: X-BDGF-Nodata-Pixels (NaN/inf pixels: class 0), X-BDGF-Bands; over HTTP also
+        Server-Timing (model, backend, ingress ms).
     GET /v1/model   the manifest        GET /healthz   {"status": "ok", "backend": name}
 
 Every refusal is a :class:`RequestError` with an HTTP status and a message naming the problem;

@@ -17,6 +17,7 @@ end. Settings: :mod:`bdgf.serve_config`.
 # (no `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime)
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -62,18 +63,27 @@ class Model:
         return {"backend": self.backend.name, "reason": self.backend.reason, "path": str(pkg.path),
                 "manifest": pkg.manifest, "max_batch_tiles": self.max_batch}
 
-    async def classify(self, image: np.ndarray, origin, region, absent, probabilities: bool) -> Classified:
-        """Classes (h, w), confidence (h, w) [, probabilities (K, h, w)] of ``region`` of ``image``
-        (C, H, W), exactly as :func:`bdgf.regions.classify_region` gives them."""
+    async def classify(self, image: np.ndarray, origin, region, absent, probabilities: bool):
+        """(out, timing): classes (h, w), confidence (h, w) [, probabilities (K, h, w)] of ``region``
+        of ``image`` (C, H, W), exactly as :func:`bdgf.regions.classify_region` gives them; timing
+        {"model": seconds in this method, "backend": seconds of the back-end calls it waited on}."""
+        t0 = time.perf_counter()
         plan = plan_region(self.backend.package, image, origin=origin, region=region, absent=absent)
         out = plan.empty(probabilities)
+        backend_s = 0.0
         for part, windows, origins in plan.batches(self.max_batch):
-            plan.place(out, part, await self.run_tiles(TileJob(windows, origins, tuple(absent), probabilities)))
-        return out
+            tiles, seconds = await self.run_tiles(TileJob(windows, origins, tuple(absent), probabilities))
+            plan.place(out, part, tiles)
+            backend_s += seconds
+        return out, {"model": time.perf_counter() - t0, "backend": backend_s}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=tiles_in)
-    async def run_tiles(self, jobs: list[TileJob]) -> list[Classified]:
-        return await asyncio.to_thread(classify_jobs, self.backend, jobs)
+    async def run_tiles(self, jobs: list[TileJob]) -> list[tuple[Classified, float]]:
+        """Each job's (per-tile results, seconds of the shared back-end calls)."""
+        t0 = time.perf_counter()
+        results = await asyncio.to_thread(classify_jobs, self.backend, jobs)
+        seconds = time.perf_counter() - t0
+        return [(r, seconds) for r in results]
 
     async def check_health(self) -> None:
         """One window through the back end; raises when it fails or classifies nothing."""
@@ -128,6 +138,7 @@ class Ingress:
 
     @api.post("/v1/classify")
     async def classify(self, request: Request) -> Response:
+        t0 = time.perf_counter()
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             serve_api.check_content(headers.get("content-type"), headers.get("content-length"),
@@ -136,10 +147,12 @@ class Ingress:
             req = await off_loop(len(body), serve_api.parse_request, body, dict(request.query_params), headers,
                                  self.package, self.config)
             del body
-            out = await self.model.classify.remote(req.raster.data, req.origin, req.region, req.absent,
-                                                   req.probabilities)
-            reply = await off_loop(out.classes.size * (2 + 4 * len(out.probabilities if out.probabilities is not None
-                                                                   else ())), serve_api.make_reply, req, out, self.package)
+            out, timing = await self.model.classify.remote(req.raster.data, req.origin, req.region, req.absent,
+                                                           req.probabilities)
+            answer_bytes = out.classes.size * (2 if out.probabilities is None else 2 + 4 * len(out.probabilities))
+            reply = await off_loop(answer_bytes, serve_api.make_reply, req, out, self.package)
+            timing["ingress"] = time.perf_counter() - t0
+            reply.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1e3:.2f}" for k, v in timing.items())
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error reply
             reply = self._failure(exc)
         return _response(reply)

@@ -14,7 +14,8 @@ when the last one is answered, ``--requests`` requests per level, after ``--warm
 * in-process: ``classify_region(open_backend(pkg), raster)`` on the same rasters in this process
   (median of ``--requests`` runs, the same ONNX Runtime threads as a replica); overhead = the
   endpoint's p50 at concurrency 1 − the in-process median (HTTP, parsing, the ingress → model
-  hop, the batcher's wait, formatting).
+  hop, the batcher's wait, formatting); the answers' ``Server-Timing`` (back-end calls, model
+  replica, ingress handler) says where it goes; ``GET /healthz`` is the HTTP + proxy floor.
 
 Goals reported (not asserted): p50 overhead ≤ 5 ms per request; throughput at concurrency 8 above
 concurrency 1 (batching of tiles across requests). The model deployment gets ``--num-cpus`` CPUs
@@ -83,8 +84,19 @@ def encode(x: np.ndarray, fmt: str) -> tuple[bytes, str]:
     return json.dumps(doc).encode(), "application/json"
 
 
-def level(url: str, bodies: list[bytes], media: str, concurrency: int, n: int) -> tuple[list[float], float]:
-    """(latencies in s, wall time) of ``n`` requests from ``concurrency`` closed-loop threads."""
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: ingress;dur=12.3, model;dur=...`` -> {name: ms}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def level(url: str, bodies: list[bytes], media: str, concurrency: int, n: int):
+    """(latencies in s, wall time, the answers' Server-Timing) of ``n`` requests from
+    ``concurrency`` closed-loop threads."""
     import requests
 
     session_per_thread = {}
@@ -98,12 +110,12 @@ def level(url: str, bodies: list[bytes], media: str, concurrency: int, n: int) -
         dt = time.perf_counter() - t0
         if r.status_code != 200:
             raise SystemExit(f"request failed: {r.status_code} {r.text[:300]}")
-        return dt
+        return dt, server_timing(r.headers.get("Server-Timing", ""))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        lat = list(pool.map(one, range(n)))
-    return lat, time.perf_counter() - t0
+        got = list(pool.map(one, range(n)))
+    return [g[0] for g in got], time.perf_counter() - t0, [g[1] for g in got]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,9 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for c in args.concurrency:  # the in-process time beside each level, under the same load
             base = in_process(max(10, args.requests // 4))
-            lat, wall = level(url, bodies, media, c, args.requests)
+            lat, wall, timing = level(url, bodies, media, c, args.requests)
             rows.append((c, np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3, args.requests / wall,
                          args.requests * tiles / wall, args.requests * args.size ** 2 / wall, base))
+            if c == min(args.concurrency):
+                split = {k: np.median([t[k] for t in timing]) for k in ("ingress", "model", "backend")}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -192,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     if 1 in one:
         over = one[1][1] - one[1][6] * 1e3
         print(f"goal p50 overhead <= 5 ms at concurrency 1: {over:.1f} ms ({'met' if over <= 5 else 'not met'})")
+    print(f"where a request's time goes at concurrency {min(args.concurrency)} (Server-Timing medians): "
+          f"back-end calls {split['backend']:.1f} ms, model replica {split['model']:.1f} ms, ingress handler "
+          f"{split['ingress']:.1f} ms, client round trip {rows[0][1]:.1f} ms")
     if 1 in one and 8 in one:
         print(f"goal throughput at concurrency 8 above 1: {one[8][4]:.0f} vs {one[1][4]:.0f} tiles/s "
               f"({'met' if one[8][4] > one[1][4] else 'not met'})")

@@ -153,6 +153,9 @@ def test_a_geotiff_gives_the_in_process_classes_and_keeps_its_georeference(pkg, 
     np.testing.assert_array_equal(bands[1], want.confidence)
     assert crs == CRS_UTM and transform == GEO and nodata == 0 and names == ("classes", "confidence")
     assert bands[0][21, 30] == 0 and bands[0][33, 40] == 0 and int(r.headers["X-BDGF-Nodata-Pixels"]) == 2
+    timing = dict(part.strip().split(";dur=") for part in r.headers["Server-Timing"].split(","))
+    assert set(timing) == {"model", "backend", "ingress"}
+    assert 0 < float(timing["backend"]) <= float(timing["model"]) <= float(timing["ingress"])
     # a region with real context around it: the transform moves by the region's offset
     region = (4, 8, 28, 36)
     want = classify_region(backend, x, origin=(8, 12), region=region)
