@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bdgf import serve_api
 from bdgf.backends import Classified, ModelPackage, open_backend
@@ -35,7 +36,15 @@ from bdgf.serve_config import load_config
 from bdgf.serve_formats import JSON
 
 APP_NAME = "bdgf"
+ROUTES = "POST /v1/classify, GET /v1/model, GET /healthz"
 api = FastAPI(title="bdgf")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer JSON errors too (FastAPI's own are {"detail": ...})."""
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}; the routes are {ROUTES}"},
+                        status_code=exc.status_code)
 
 
 def tiles_in(jobs: list[TileJob]) -> int:

@@ -268,6 +268,9 @@ def test_bad_inputs_are_json_errors_naming_the_problem(pkg, url):
         assert r.status_code == status, (words, r.status_code, r.text)
         assert r.headers["content-type"].startswith("application/json")
         assert words in r.json()["error"], (words, r.json())
+    for method, path, status in [("GET", "/v1/classify", 405), ("POST", "/v2/classify", 404)]:
+        r = requests.request(method, f"{url}{path}", timeout=60)
+        assert r.status_code == status and path in r.json()["error"] and "POST /v1/classify" in r.json()["error"]
     msg = requests.post(f"{url}/v1/classify", data=to_npy(x[:-1]), headers=NPY, timeout=60).json()["error"]
     assert f"({C}, H, W)" in msg and "hsi" in msg and "lidar" in msg
     # NaN/inf are nodata, not errors
