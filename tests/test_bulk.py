@@ -148,6 +148,15 @@ def test_geotiff_inputs_with_nan_in_one_modality(setup, cluster, tmp_path):
     np.testing.assert_array_equal(classes, want.classes)
     assert (classes[70:73, 40:45] == 0).all() and classes[20, 100] == 0 and classes[19, 100] > 0
 
+    from rasterio.crs import CRS  # a Zarr array input, its grid in attrs, next to a GeoTIFF
+
+    arr = zarr.create_array(str(tmp_path / "lidar_arr.zarr"), data=raw["lidar"], chunks=(1, 50, 50))
+    arr.attrs.update({"crs_wkt": CRS.from_epsg(32633).to_wkt(), "transform": [500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0]})
+    out = tmp_path / "arr.zarr"
+    classify_mosaic(out, package=pkg, rasters={"hsi": hsi, "lidar": tmp_path / "lidar_arr.zarr"}, chunk=64,
+                    scheduler=cluster.scheduler_address, progress=False, echo=lambda s: None)
+    np.testing.assert_array_equal(zarr.open_array(str(out / "classes"))[...], want.classes)
+
 
 def test_a_separately_started_scheduler_and_worker_named_by_address(setup, tmp_path):
     d, pkg, store, whole = setup
