@@ -1,10 +1,11 @@
 """Bulk classification (`bdgf classify`, bdgf.bulk) against the pure back end on the same pixels,
 peak memory per worker on two mosaics 4× apart in area, and a projection to 1e9 / 1e10 px.
 
-Model: ``--package PKG``, else a run with seeded random weights on the tiny synthetic scene
-(tests/test_export_package.make_random_run, exported to ONNX; the cost does not depend on the
-weights). Mosaics: ``bdgf.bulk.synthetic.write_mosaic`` with the package's modalities (``--like``
-tiny for the random package, demo for a `bdgf demo` package), ``--side`` and 2 × ``--side``.
+Model (``bench_serving.make_package``): ``--package PKG``, else ``--run RUN`` exported to ONNX,
+else a run with seeded random weights on the tiny synthetic scene (tests/test_export_package.
+make_random_run; the cost does not depend on the weights). Mosaics:
+``bdgf.bulk.synthetic.write_mosaic`` with the package's modalities (``--like`` tiny for the random
+package, demo for a `bdgf demo` package), ``--side`` and 2 × ``--side``.
 
 Measured (one ONNX Runtime thread per worker, ``--chunk`` px chunks, a fresh LocalCluster per run):
 
@@ -38,29 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [p for p in (str(ROOT),) if p not in sys.path]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
 
-
-def make_package(args) -> Path:
-    from typer.testing import CliRunner
-
-    from bdgf.cli import app
-
-    if args.package:
-        return Path(args.package)
-    work = Path(args.work)
-    pkg = work / "pkg"
-    if (pkg / "model.json").exists():
-        return pkg
-    work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_export_package import make_random_run
-
-    _, run = make_random_run(work)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(pkg), "--overwrite"])
-    if res.exit_code != 0:
-        raise SystemExit(f"export failed: {res.output}")
-    return pkg
+from bench_serving import make_package  # noqa: E402  --package, else --run exported, else a random run
 
 
 def _vmhwm_kib() -> int:
@@ -109,6 +90,7 @@ def bulk_run(pkg: Path, store: Path, out: Path, chunk: int, workers: int) -> dic
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--package", default=None)
+    p.add_argument("--run", default=None, help="a run directory to export (instead of --package)")
     p.add_argument("--like", default="tiny", help="synthetic preset whose modalities the mosaics have")
     p.add_argument("--side", type=int, default=384, help="side of the small mosaic (the large one is 2x)")
     p.add_argument("--chunk", type=int, default=128)
