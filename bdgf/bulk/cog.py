@@ -5,11 +5,13 @@ manifest's class colours), read from the output Zarr block by block.
     write_cog("out.zarr", "map.tif", blocksize=512)     # written under a temporary name, validated, renamed
     validate_cog("map.tif")                              # [] when valid, else the problems
 
-How: a tiled GTiff with the colour table is written row band by row band from the Zarr, then
-GDAL's COG driver copies it (overviews built until they fit one block, IFDs and overviews before
-the data, as the COG layout requires). Validation is rio-cogeo's ``cog_validate`` (GDAL's
-validate_cloud_optimized_geotiff logic) where installed, else :func:`cog_layout_problems`, a check
-of the layout with rasterio alone (tiled, overviews, GDAL's LAYOUT=COG marker, tile size).
+How: a tiled GTiff with the colour table is written row band by row band (~64 MiB each) from the
+Zarr, then GDAL's COG driver copies it (overviews built until they fit one block, IFDs and
+overviews before the data, as the COG layout requires; compression on every CPU). This runs in
+the driver after the last chunk: for 1e10 px (10 GB of uint8) expect tens of minutes.
+Validation is rio-cogeo's ``cog_validate`` (GDAL's validate_cloud_optimized_geotiff logic) where
+installed, else :func:`cog_layout_problems`, a check of the layout with rasterio alone (tiled,
+overviews, GDAL's LAYOUT=COG marker).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def write_cog(zarr_path: str | Path, tif: str | Path, *, blocksize: int = 512) -
     try:
         with rasterio.Env():
             with rasterio.open(plain, "w", **profile) as dst:
-                step = blocksize * max(1, 4096 // blocksize)
+                step = blocksize * max(1, (64 << 20) // (W * classes.dtype.itemsize * blocksize))  # ~64 MiB a band
                 for r in range(0, H, step):
                     block = np.asarray(classes[r : min(r + step, H), :])
                     dst.write(block[None], window=((r, r + block.shape[0]), (0, W)))
@@ -59,7 +61,8 @@ def write_cog(zarr_path: str | Path, tif: str | Path, *, blocksize: int = 512) -
                     cmap.update({k: (*map(int, c), 255) for k, c in enumerate(colours, 1)})
                     dst.write_colormap(1, cmap)
             rasterio.shutil.copy(plain, tmp, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=blocksize,
-                                 OVERVIEW_RESAMPLING="MODE", RESAMPLING="NEAREST", BIGTIFF="IF_SAFER")
+                                 OVERVIEW_RESAMPLING="MODE", RESAMPLING="NEAREST", BIGTIFF="IF_SAFER",
+                                 NUM_THREADS="ALL_CPUS")
         problems = validate_cog(tmp)
         if problems:
             raise BDGFError(f"{tif}: the written GeoTIFF is not a valid COG: {'; '.join(problems)}")
