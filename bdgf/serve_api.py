@@ -132,8 +132,10 @@ def parse_region(value) -> tuple[int, ...] | None:
 
 
 def parse_absent(value) -> tuple[str, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(str(a).strip() for a in value if str(a).strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(a, str) for a in value):
+        return tuple(a.strip() for a in value if a.strip())
+    if value is not None and not isinstance(value, str):
+        raise RequestError(422, f"parameter 'absent' is modality names (comma-separated, or a JSON list), got {value!r}")
     return tuple(a.strip() for a in (value or "").split(",") if a.strip())
 
 

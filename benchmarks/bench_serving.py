@@ -15,7 +15,9 @@ when the last one is answered, ``--requests`` requests per level, after ``--warm
   (median of ``--requests`` runs, the same ONNX Runtime threads as a replica); overhead = the
   endpoint's p50 at concurrency 1 − the in-process median (HTTP, parsing, the ingress → model
   hop, the batcher's wait, formatting); the answers' ``Server-Timing`` (back-end calls, model
-  replica, ingress handler) says where it goes; ``GET /healthz`` is the HTTP + proxy floor.
+  replica, ingress handler) says where it goes, and round trip − back-end calls of the same
+  requests is the overhead that does not depend on how loaded the machine was when the
+  in-process time was taken; ``GET /healthz`` is the HTTP + proxy floor.
 
 Goals reported (not asserted): p50 overhead ≤ 5 ms per request; throughput at concurrency 8 above
 concurrency 1 (batching of tiles across requests). The model deployment gets ``--num-cpus`` CPUs
@@ -203,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {c} | {p50:.1f} | {p99:.1f} | {rps:.1f} | {tps:.0f} | {pps:.0f} | {base * 1e3:.1f} ({tiles / base:.0f}) "
               f"| {p50 - base * 1e3:+.1f} |")
     one = {r[0]: r for r in rows}
-    if 1 in one:
-        over = one[1][1] - one[1][6] * 1e3
-        print(f"goal p50 overhead <= 5 ms at concurrency 1: {over:.1f} ms ({'met' if over <= 5 else 'not met'})")
     print(f"where a request's time goes at concurrency {min(args.concurrency)} (Server-Timing medians): "
           f"back-end calls {split['backend']:.1f} ms, model replica {split['model']:.1f} ms, ingress handler "
           f"{split['ingress']:.1f} ms, client round trip {rows[0][1]:.1f} ms")
+    if 1 in one:
+        over = one[1][1] - split["backend"]
+        print(f"goal p50 overhead <= 5 ms at concurrency 1: {over:.1f} ms = round trip - back-end calls of the same "
+              f"requests ({'met' if over <= 5 else 'not met'}); vs the in-process median: {one[1][1] - one[1][6] * 1e3:+.1f} ms")
     if 1 in one and 8 in one:
         print(f"goal throughput at concurrency 8 above 1: {one[8][4]:.0f} vs {one[1][4]:.0f} tiles/s "
               f"({'met' if one[8][4] > one[1][4] else 'not met'})")
