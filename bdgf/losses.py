@@ -1,4 +1,4 @@
-"""Mutual-learning loss of the BDGF classifier (DESIGN 1.4).
+"""Mutual-learning loss of the BDGF classifier (docs/method.md, Stage 2).
 
 Glossary (letters as in docs/glossary.md)
     B     batch (labelled pixels)
@@ -14,12 +14,12 @@ Notation, per sample i (every term is then averaged over the batch):
     p_b^tau        softmax(logits_b / tau), the branch's temperature-softened prediction
     pbar_{not b}   mean of p_b'^tau over the *other* branches b' != b, under stop-gradient (sg):
                    the peer **target**; no gradient flows into the peers through branch b's term
-    KL(p || q)     sum_j p_j (log p_j - log q_j) over the K classes. As written in DESIGN, the
+    KL(p || q)     sum_j p_j (log p_j - log q_j) over the K classes. As written in the method's description, the
                    first argument is the live branch distribution p_b (expectation under p_b,
                    "reverse"/mode-seeking KL) and the second is the detached target pbar.
                    ``kl_direction="target_first"`` gives the classic deep-mutual-learning/
                    distillation direction KL(pbar || p_b) instead; the default
-                   ``"branch_first"`` follows DESIGN literally.
+                   ``"branch_first"`` follows that description literally.
     H(p_b)         batch-mean entropy of the untempered softmax(logits_b), in nats (H(.) is the
                    entropy function here, not the grid height)
     Hbar           mean of H(p_b) over branches (not detached: the term pulls entropies together)
@@ -52,7 +52,7 @@ class MutualLearningConfig:
     lambda_sim: float = 0.1
     proj_dim: int = 64
     proj_hidden: int = 128              # 0 -> the projector g_b is one Linear layer
-    kl_direction: str = "branch_first"  # "branch_first": KL(p_b || sg(pbar)) (DESIGN); "target_first": KL(sg(pbar) || p_b)
+    kl_direction: str = "branch_first"  # "branch_first": KL(p_b || sg(pbar)); "target_first": KL(sg(pbar) || p_b)
 
     def __post_init__(self) -> None:
         if self.tau <= 0:

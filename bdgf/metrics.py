@@ -8,7 +8,7 @@ Glossary (letters as in docs/glossary.md)
     K   classes
     N   samples (pixels) compared
 
-Conventions (DESIGN §1.4):
+Conventions (docs/method.md, Stage 2):
 - ``per_class_accuracy[k]`` is the recall of class k; it is NaN for a class absent from
   ``y_true`` (its accuracy is undefined, not 0 and not 1).
 - ``average_accuracy`` is the mean of per-class recall over the classes present in ``y_true``.

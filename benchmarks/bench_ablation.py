@@ -1,6 +1,6 @@
 """Ablations of BDGF on a synthetic preset (default ``hard``), with paired seed statistics.
 
-Variants (DESIGN §1.2, §1.4):
+Variants (docs/method.md, Stages 1 and 2):
 
 =============  =========================================  ===============================
 variant        pretraining (one per group and seed)       classifier

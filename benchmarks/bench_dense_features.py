@@ -5,7 +5,7 @@ random weights, since cost does not depend on them) on the same scene (the synth
 preset, 128×128, HSI 32 + LiDAR 1) with the same timesteps (5, 50, 150; one noise draw each), and
 both give the same features (tile invariance):
 
-* **dense** (ours, DESIGN §1.3): non-overlapping T×T tiles (T = 64) read with a halo h = the
+* **dense** (ours, docs/method.md): non-overlapping T×T tiles (T = 64) read with a halo h = the
   receptive radius rounded up to the stride phase (28), so one UNet pass over a (T + 2h)² window
   per tile and timestep serves all T² pixels.
 * **per-patch**: one UNet pass per classified pixel over the smallest window that gives its

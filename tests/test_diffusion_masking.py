@@ -256,7 +256,9 @@ def test_state_dict_is_plain_and_roundtrips():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="at least 2"):
+    from bdgf.errors import InputError
+
+    with pytest.raises(InputError, match="at least 2 modalities, got 1"):  # a one-line CLI error, not a traceback
         AdaptiveModalityMasking(1)
     with pytest.raises(ValueError, match="mode"):
         MaskingConfig(mode="sometimes")

@@ -1,4 +1,4 @@
-"""Per-pixel training patches read from a scene store (DESIGN §1.4).
+"""Per-pixel training patches read from a scene store (docs/method.md, Stage 2).
 
 Each labelled, valid pixel (row, col) of a split becomes one sample: the P×P window centred on it
 of every modality (normalised, concatenated in scene order) and, optionally, of the cached

@@ -1,4 +1,4 @@
-"""Stage 1 of BDGF: the balanced multimodal DDPM (DESIGN §1.2) and its diffusion features (§1.3).
+"""Stage 1 of BDGF: the balanced multimodal DDPM and its diffusion features (docs/method.md).
 
 Modules: ``schedules`` (NoiseSchedule), ``unet`` (DenoiserUNet), ``masking``
 (AdaptiveModalityMasking), ``loss`` (balanced_loss, concat_mse), ``step``

@@ -1,4 +1,4 @@
-"""Dense diffusion features (DESIGN §1.3): the frozen denoiser over a tile's window.
+"""Dense diffusion features (docs/method.md, Dense diffusion features): the frozen denoiser over a tile's window.
 
 Each tile of T×T pixels is seen through a window with a halo of h pixels on every side (cut by
 :mod:`bdgf.tiler`), noised to a few timesteps with noise that depends only on the *global pixel

@@ -1,4 +1,4 @@
-"""Stage-1 losses (DESIGN §1.2).
+"""Stage-1 losses (docs/method.md, Stage 1).
 
 Glossary (letters as in docs/glossary.md)
     B   batch size

@@ -1,4 +1,4 @@
-"""Adaptive modality masking (DESIGN §1.2) for M >= 2 modalities, with a paired dependence estimate.
+"""Adaptive modality masking (docs/method.md, Stage 1) for M >= 2 modalities, with a paired dependence estimate.
 
 Glossary (letters as in docs/glossary.md)
     B   batch size
@@ -29,7 +29,7 @@ Adaptation. D_m is used only when it is distinguishable from zero:
     D̃_m = D_m  if n_eff_m >= min_pairs and |D_m| > z · se_m,  else 0
     p_m = clip(p0 · exp(D̃_m) / mean_k exp(D̃_k), p_min, p_max)
 
-exp(D_m) is the geometric-mean loss ratio, the analogue of DESIGN's 1 + D_m. A modality whose
+exp(D_m) is the geometric-mean loss ratio, the analogue of the paper's 1 + D_m. A modality whose
 masking hurts the others' reconstruction more (the model leans on it) is masked MORE, so the
 model learns to use the others. p is a function of the current estimate: a modality whose D stops
 being distinguishable from zero goes back to its neutral weight (a chance excursion of the gate is
@@ -98,7 +98,8 @@ class AdaptiveModalityMasking:
 
     def __init__(self, num_modalities: int, config: MaskingConfig | None = None, **overrides):
         if num_modalities < 2:
-            raise ValueError(f"modality masking needs at least 2 modalities, got {num_modalities}")
+            raise InputError(f"modality masking needs at least 2 modalities, got {num_modalities}: BDGF fuses "
+                             "co-registered modalities (an HSI and LiDAR or SAR); give the scene both")
         config = config or MaskingConfig()
         if overrides:
             config = MaskingConfig(**{**asdict(config), **overrides})

@@ -103,7 +103,7 @@ def diffusion_training_step(
     x0 (B, C, S, S): clean normalised tiles; channel_modality (C,) int64: modality index of each channel.
     generator: draws t, eps, the presence flags and the pair plan (on its own device; results
     moved to x0's).
-    loss_kind: "balanced" (per-modality means averaged, DESIGN §1.2) or "concat" (plain MSE ablation).
+    loss_kind: "balanced" (per-modality means averaged, docs/method.md, Stage 1) or "concat" (plain MSE ablation).
     weights (M,) or None: modality weights of the balanced loss (None: 1/M each).
     valid (B, S, S) bool/0-1 or None: valid pixels. Invalid pixels are set to 0 in x0 (the band
     mean, as the stores already have them; NaN there is fine too) and left out of every loss

@@ -64,7 +64,7 @@ class UNetConfig:
     blocks_per_level: int = 1
     embed_mult: int = 4
     dropout: float = 0.0
-    # Decoder levels (low, mid, high) whose outputs are the diffusion features (DESIGN §1.3);
+    # Decoder levels (low, mid, high) whose outputs are the diffusion features (docs/method.md);
     # level i has side S_i = S/2^i, so the default gives full, 1/2 and 1/4 resolution.
     feature_levels: tuple[int, int, int] = (0, 1, 2)
 

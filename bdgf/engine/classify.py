@@ -1,4 +1,4 @@
-"""Stage 2: the diffusion-guided classifier (DESIGN §1.4): train, select on val, evaluate.
+"""Stage 2: the diffusion-guided classifier (docs/method.md, Stage 2): train, select on val, evaluate.
 
 One driver, :func:`train`, runs :func:`train_body` here (``workers=0``) or on Ray Train workers;
 both write ``train/seed<k>/`` the same way and return a :class:`~bdgf.summaries.TrainSummary`.

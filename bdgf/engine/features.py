@@ -1,4 +1,4 @@
-"""Dense diffusion features of a run's denoiser, cached in the scene store (DESIGN §1.3).
+"""Dense diffusion features of a run's denoiser, cached in the scene store (docs/method.md, Dense diffusion features).
 
 One driver, :func:`compute_features`: here (``workers=0``) or as Ray tasks over disjoint sets of
 tiles (``workers=N``); either way every tile goes through :func:`extract_tiles`, each tile writes

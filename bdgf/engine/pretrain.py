@@ -1,4 +1,4 @@
-"""Stage 1: the balanced multimodal DDPM with adaptive modality masking (DESIGN §1.2).
+"""Stage 1: the balanced multimodal DDPM with adaptive modality masking (docs/method.md, Stage 1).
 
 One driver for every way it runs. :func:`pretrain` checks its input, prepares the run directory
 and then runs :func:`pretrain_body` either here (``workers=0``: a plain single process) or on

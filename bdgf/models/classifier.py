@@ -9,7 +9,7 @@ Glossary (letters as in docs/glossary.md)
     Dz      a branch's embedding width (of z)
     T       tile side (``predict_dense``: every pixel of a T x T tile at once)
 
-Branch <- guiding feature level (DESIGN 1.4):  cnn <- low,  mamba <- mid,  transformer <- high.
+Branch <- guiding feature level (docs/method.md, Stage 2):  cnn <- low,  mamba <- mid,  transformer <- high.
 The prediction is the mean of the branch softmaxes; each branch's logits and z are also returned
 (for the mutual-learning loss and per-branch reporting).
 
