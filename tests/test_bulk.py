@@ -129,6 +129,10 @@ def test_chunks_with_halo_equal_the_whole_mosaic_and_the_outputs_open(setup, clu
         colours = open_backend(pkg, "onnx").package.manifest["classes"]["colours"]
         assert [list(cog.colormap(1)[k][:3]) for k in range(1, 5)] == colours
     assert validate_cog(tif) == [] and cog_layout_problems(tif) == []
+    plain = tmp_path / "strips.tif"  # the checks can fail: a striped 600 px GeoTIFF without overviews
+    with rasterio.open(plain, "w", driver="GTiff", height=600, width=600, count=1, dtype="uint8") as dst:
+        dst.write(np.tile(whole.classes, (4, 5))[None, :600, :600])
+    assert validate_cog(plain) and len(cog_layout_problems(plain)) == 3
 
 
 def test_geotiff_inputs_with_nan_in_one_modality(setup, cluster, tmp_path):

@@ -94,9 +94,9 @@ def cog_layout_problems(path: str | Path) -> list[str]:
     problems = []
     with rasterio.open(path) as ds:
         bh, bw = ds.block_shapes[0]
-        if bw >= ds.width and ds.width > bw or bh != bw:
+        if not ds.profile.get("tiled", False) or bh != bw:
             problems.append(f"not tiled (blocks {bh}x{bw})")
-        if max(ds.width, ds.height) > bw and not ds.overviews(1):
+        if max(ds.width, ds.height) > min(bw, 512) and not ds.overviews(1):
             problems.append("no overviews")
         if ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "").upper() != "COG":
             problems.append("GDAL does not report LAYOUT=COG (IFDs/overviews not before the data)")
