@@ -52,12 +52,13 @@ def raw_image(store: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tif(path: Path, data: np.ndarray, transform=(500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), nodata=None):
+def write_tif(path: Path, data: np.ndarray, transform=(500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), nodata=None,
+              crs="EPSG:32633"):
     import rasterio
     from rasterio.transform import Affine
 
     with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
-                       dtype="float32", crs="EPSG:32633", transform=Affine.from_gdal(*transform), nodata=nodata,
+                       dtype="float32", crs=crs, transform=Affine.from_gdal(*transform), nodata=nodata,
                        tiled=True, blockxsize=32, blockysize=32) as ds:
         ds.write(data.astype(np.float32))
     return path
@@ -111,7 +112,11 @@ def test_chunks_with_halo_equal_the_whole_mosaic_and_the_outputs_open(setup, clu
         assert (classes[rows, cols] == 0).all() and (conf[rows, cols] == 0).all()
     assert (classes > 0).sum() == H * W - sum(np.ones((H, W))[r, c].size for r, c in HOLES)
 
-    ds = xr.open_zarr(out, consolidated=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated metadata, nothing unrecognised in the group
+        ds = xr.open_zarr(out)
     assert ds.classes.dims == ("y", "x") and ds.classes.dtype == np.uint8 and ds.probabilities.dims[0] == "class"
     np.testing.assert_allclose(ds.x.values[[0, -1]], [500000.5, 500000.0 + W - 0.5])
     np.testing.assert_allclose(ds.y.values[[0, -1]], [5000000.0 - 0.5, 5000000.0 - H + 0.5])
@@ -238,6 +243,9 @@ def test_bad_inputs_are_clear_errors(setup, cluster, tmp_path):
     shifted = write_tif(tmp_path / "shifted.tif", raw["lidar"], transform=(500001.0, 1.0, 0.0, 5000000.0, 0.0, -1.0))
     with pytest.raises(InputError, match=r"grids do not align: .*shifted\.tif.*hsi\.tif.*different transforms"):
         classify_mosaic(tmp_path / "a.zarr", rasters={"hsi": hsi, "lidar": shifted}, **run)
+    other_crs = write_tif(tmp_path / "utm34.tif", raw["lidar"], crs="EPSG:32634")
+    with pytest.raises(InputError, match=r"grids do not align: .*utm34\.tif.*hsi\.tif.*different CRS"):
+        classify_mosaic(tmp_path / "a.zarr", rasters={"hsi": hsi, "lidar": other_crs}, **run)
     small = write_tif(tmp_path / "small.tif", raw["lidar"][:, :100])
     with pytest.raises(InputError, match=r"grids do not align: .*small\.tif.*100x130 and 150x130 px"):
         classify_mosaic(tmp_path / "a.zarr", rasters={"hsi": hsi, "lidar": small}, **run)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from bdgf.bulk.inputs import open_mosaic
-from bdgf.bulk.outputs import create_map
+from bdgf.bulk.outputs import create_map, finish_map
 from bdgf.bulk.plan import ChunkPlan, check_chunk_size
 from bdgf.bulk.resume import (MANIFEST, check_parameters, done_keys, model_checksum, new_manifest, read_manifest,
                               write_json)
@@ -141,6 +141,7 @@ def classify_mosaic(out: str | Path, *, package: str | Path | None = None, run: 
                 tasks[fut] = c
             _collect(client, tasks, result, Progress(len(chunks), "classify", "chunk", initial=result.skipped,
                                                      enabled=progress))
+    finish_map(out)
     manifest = read_manifest(out) or new_manifest(parameters)
     manifest["status"] = "complete"
     manifest["backends_used"] = sorted(set(manifest.get("backends_used", [])) | set(result.backends))

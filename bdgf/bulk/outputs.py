@@ -9,7 +9,9 @@ coordinates and CRS:
       spatial_ref ()             CF grid mapping: attrs crs_wkt, spatial_ref, GeoTransform
       _bulk/                     the run's manifest and done markers (bdgf.bulk.resume)
 
-Every array is chunked c×c over (y, x) like the chunk plan, so each task writes whole chunks of
+When the last chunk is written the group's metadata is consolidated (:func:`finish_map`), so a
+plain ``xarray.open_zarr(out)`` opens it in one read, without warnings. Every array is chunked
+c×c over (y, x) like the chunk plan, so each task writes whole chunks of
 every array (Zarr has no locking; no two tasks share a chunk).
 
 Glossary: H×W the mosaic, K classes, c the chunk side.
@@ -78,3 +80,13 @@ def write_chunk(path: Path, r0: int, c0: int, out: Classified) -> None:
     if out.probabilities is not None:
         p = np.clip(np.rint(out.probabilities * 255.0), 0, 255).astype(np.uint8)
         zarr.open_array(str(Path(path) / "probabilities"), mode="r+")[:, r0 : r0 + h, c0 : c0 + w] = p
+
+
+def finish_map(path: Path) -> None:
+    """Consolidate the group's metadata into its zarr.json (zarr's warnings that consolidation is
+    not in the v3 spec yet, and that _bulk/ holds plain files, are expected and silenced)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
