@@ -164,7 +164,7 @@ def _collect(client, tasks: dict, result: BulkResult, bar) -> None:
             c = tasks[fut]
             try:
                 info = fut.result()
-            except BaseException as exc:
+            except Exception as exc:  # noqa: BLE001 - any task failure (Ctrl-C is not one: it propagates)
                 client.cancel(list(tasks))
                 raise BDGFError(f"{c} failed, the run stops (its marker is not written; rerun the same command "
                                 f"to resume): {type(exc).__name__}: {exc}") from exc
