@@ -49,6 +49,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_stages.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_ablation.py --results benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/bench_backends.py
+	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_bulk.py
 
 # GPU hosts: the `cuda` extra (mamba-ssm, causal-conv1d compile against the installed torch with
 # nvcc, hence --no-build-isolation; tensorrt downloads from NVIDIA's host).
