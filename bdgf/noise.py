@@ -10,7 +10,7 @@ pixel gets the same value in every tile that covers it, at any batch size or wor
 :func:`bdgf.diffusion.features.window_features` noises windows with it; the exported graph takes
 it as its ``noise`` input (:mod:`bdgf.export`).
 
-Glossary (letters as in docs/glossary.md): B windows, C bands, S window side, n = n_t × draws.
+Glossary (letters as in docs/glossary.md): B batch of windows, C bands, S window side, n = n_t × draws.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ plain ``xarray.open_zarr(out)`` opens it in one read, without warnings. Every ar
 c×c over (y, x) like the chunk plan, so each task writes whole chunks of
 every array (Zarr has no locking; no two tasks share a chunk).
 
-Glossary: H×W the mosaic, K classes, c the chunk side.
+Glossary: H×W the mosaic's grid, K classes, c the chunk side.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ true border (past it classify_region reflect-pads, exactly as for the whole mosa
         top, left, bottom, right = plan.read_window(chunk)     # rows top:bottom, cols left:right
         region = (chunk.r0 - top, chunk.c0 - left, chunk.h, chunk.w)
 
-Glossary: H×W the mosaic, c the chunk side, T tile side, m the model's tile_multiple.
+Glossary: H×W the mosaic's grid, c the chunk side, T tile side (the model's tile_multiple divides both).
 """
 
 from __future__ import annotations

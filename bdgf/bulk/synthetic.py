@@ -11,7 +11,7 @@ are made independently and vectorised, and the same (size, seed, like, chunk) gi
 bytes. Layout: jittered-grid Voronoi cells of the preset's "cell" classes, a lattice of roads
 (its "line" classes) and at most one building per 40 px block (its "rect" classes).
 
-Glossary: H×W the mosaic, B HSI bands, K classes, c the chunk side.
+Glossary: H×W the mosaic's grid, C_m the bands of modality m, K classes, c the chunk side.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def mosaic_block(cfg, seed: int, r0: int, r1: int, c0: int, c1: int, noise_key: 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 77, *noise_key]))
     centres, _, _ = band_response(cfg)
     spectra = material_spectra(cfg)
-    table = np.stack([np.zeros(cfg.hsi_bands)] + [spectra[c.material] for c in cfg.classes])  # (K+1, B)
+    table = np.stack([np.zeros(cfg.hsi_bands)] + [spectra[c.material] for c in cfg.classes])  # (K+1, C_m)
     bright = 1.0 + 0.06 * cfg.variability * _waves(seed, 20, rows, cols, 37.0)
     tilt = 0.03 * cfg.variability * _waves(seed, 21, rows, cols, 23.0)  # a smooth within-class mode
     slope = np.linspace(-1.0, 1.0, cfg.hsi_bands)[:, None, None]
