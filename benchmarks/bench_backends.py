@@ -18,7 +18,8 @@ normalised; the back ends also make the class map. Timing: every (back end, batc
 once untimed (warm-up: ONNX Runtime plans its memory per shape), then ``--repeats`` rounds, each
 round running every back end once in turn (so drift of a shared machine hits all alike); pixels/s
 = B·T² / seconds of one call; median and sample std (ddof 1) over the rounds; "x eager" is the
-ratio of medians, measured in the same process and rounds.
+ratio of medians, measured in the same process and rounds. The noise alone (``package.noise``,
+numpy) is timed in the same rounds: it is a fixed cost in every row, which caps the ratios.
 
 Configurations:
 
@@ -136,6 +137,9 @@ def time_backends(pipe, backends: dict, batches, repeats: int) -> None:
         for kind, be in backends.items():
             calls[kind] = (lambda be=be: be.classify(windows, origins, normalised=True, probabilities=True).probabilities)
         outs = {name: np.asarray(fn()) for name, fn in calls.items()}  # warm-up, and the outputs compared
+        if backends:  # the position-keyed noise alone (numpy), part of every call above
+            package = next(iter(backends.values())).package
+            calls["noise"] = lambda: package.noise(origins)
         rates = {name: [] for name in calls}
         for _ in range(repeats):
             for name, fn in calls.items():
@@ -143,11 +147,17 @@ def time_backends(pipe, backends: dict, batches, repeats: int) -> None:
                 fn()
                 rates[name].append(B * T * T / (time.perf_counter() - t))
         eager = statistics.median(rates["eager"])
+        noise = rates.pop("noise", None)
         for name, r in rates.items():
             med = statistics.median(r)
             diff = "" if name == "eager" else f"{float(np.abs(outs[name] - outs['eager']).max()):.2e}"
             print(f"{B:>5}  {name:<10} {med:>12.0f} {sample_std(r) if len(r) > 1 else float('nan'):>9.0f} "
                   f"{med / eager:>8.2f}  {diff:>17}")
+        if noise:
+            per_tile = 1e3 * T * T / statistics.median(noise)
+            print(f"{B:>5}  (the position-keyed noise alone: {per_tile:.1f} ms a tile, "
+                  f"{100 * statistics.median(rates['eager']) / statistics.median(noise):.0f}% of an eager call; "
+                  "numpy, in every row)")
 
 
 def accuracy(pipe, backends: dict) -> None:
