@@ -20,9 +20,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-_M32 = np.uint64(0xFFFFFFFF)
-
-
 class NoiseKey(Protocol):
     """What the noise of a window depends on besides its position: :class:`NoiseSpec`, or
     :class:`bdgf.diffusion.features.FeatureSpec` (which has the same fields)."""
@@ -41,31 +38,47 @@ class NoiseSpec:
     noise_seed: int
 
 
-def _hash32(x: np.ndarray) -> np.ndarray:
-    """A 32-bit integer mixer (xor-shift-multiply); x uint64 holding 32-bit values."""
-    x = x & _M32
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x7FEB352D)) & _M32
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(0x846CA68B)) & _M32
-    x ^= x >> np.uint64(16)
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """The 32-bit integer mixer (xor-shift-multiply), in place on a uint32 array (arithmetic mod 2^32)."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
     return x
+
+
+def _hash32(x: np.ndarray) -> np.ndarray:
+    """The mixer of unsigned integers taken mod 2^32 -> a new uint32 array."""
+    return _mix32(np.asarray(x).astype(np.uint32))
 
 
 def position_noise(seed: int, channels: int, row0: int, col0: int, height: int, width: int) -> np.ndarray:
     """Standard-normal noise (C, height, width) float32 for the window at global (row0, col0).
 
     A pure function of (seed, channel, row, column): the same pixel gets the same value in
-    every tile that covers it. Box–Muller on two hashed uniforms.
+    every tile that covers it. Box–Muller on two hashed uniforms. The hashing is 32-bit integer
+    arithmetic (uint32 arrays wrap mod 2^32, in place) and the Box–Muller float64, contiguous,
+    in the order of the first version (uint64 with masks): the values are bit for bit those.
     """
-    off = np.uint64(1 << 20)  # rows/cols of reflect-padded halos may be negative
-    c = np.arange(channels, dtype=np.uint64)[:, None, None]
-    r = (np.arange(height, dtype=np.int64) + row0).astype(np.uint64)[None, :, None] + off
-    q = (np.arange(width, dtype=np.int64) + col0).astype(np.uint64)[None, None, :] + off
-    base = _hash32(_hash32(_hash32(np.uint64(seed & 0xFFFFFFFF) + c * np.uint64(0x9E3779B9)) + r) + q)
-    u1 = (_hash32(base ^ np.uint64(0x68E31DA4)).astype(np.float64) + 0.5) / 4294967296.0
-    u2 = (_hash32(base ^ np.uint64(0xB5297A4D)).astype(np.float64) + 0.5) / 4294967296.0
-    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+    off = 1 << 20  # rows/cols of reflect-padded halos may be negative
+    u32 = np.uint32
+    c = np.arange(channels, dtype=u32)[:, None, None]
+    r = (np.arange(height, dtype=np.int64) + (row0 + off)).astype(u32)[None, :, None]
+    q = (np.arange(width, dtype=np.int64) + (col0 + off)).astype(u32)[None, None, :]
+    base = _mix32(_mix32(_mix32(u32(seed & 0xFFFFFFFF) + c * u32(0x9E3779B9)) + r) + q)  # (C, H, W)
+    u = np.empty((2, *base.shape), np.float64)  # two uniforms in (0, 1): (hash + 0.5) / 2^32
+    np.add(_mix32(base ^ u32(0x68E31DA4)), 0.5, out=u[0])
+    np.add(_mix32(base ^ u32(0xB5297A4D)), 0.5, out=u[1])
+    u /= 4294967296.0
+    radius = np.log(u[0])
+    radius *= -2.0
+    np.sqrt(radius, out=radius)
+    angle = u[1]
+    angle *= 2.0 * np.pi
+    np.cos(angle, out=angle)
+    radius *= angle
+    return radius.astype(np.float32)
 
 
 def draw_seed(spec: NoiseKey, step_index: int, draw: int) -> int:

@@ -37,3 +37,38 @@ def test_a_noise_spec_gives_the_feature_spec_noise_and_overlaps_agree():
     np.testing.assert_array_equal(a[0, :, :, 48:80, 32:80], a[1, :, :, 0:32, 0:48])
     assert not np.array_equal(a[0, 0], a[0, 1])  # draws and timesteps differ
     assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1.0) < 0.02
+
+
+def _reference_position_noise(seed, channels, row0, col0, height, width):
+    """The first implementation (uint64 with 32-bit masks, bdgf/diffusion/features.py at 301df99),
+    kept here as the definition the faster uint32 one must reproduce bit for bit."""
+    m32 = np.uint64(0xFFFFFFFF)
+
+    def h(x):
+        x = x & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        return x
+
+    off = np.uint64(1 << 20)
+    c = np.arange(channels, dtype=np.uint64)[:, None, None]
+    r = (np.arange(height, dtype=np.int64) + row0).astype(np.uint64)[None, :, None] + off
+    q = (np.arange(width, dtype=np.int64) + col0).astype(np.uint64)[None, None, :] + off
+    base = h(h(h(np.uint64(seed & 0xFFFFFFFF) + c * np.uint64(0x9E3779B9)) + r) + q)
+    u1 = (h(base ^ np.uint64(0x68E31DA4)).astype(np.float64) + 0.5) / 4294967296.0
+    u2 = (h(base ^ np.uint64(0xB5297A4D)).astype(np.float64) + 0.5) / 4294967296.0
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
+def test_bit_for_bit_the_first_implementation():
+    """Seeds past 32 bits (draw_seed of a large noise_seed), negative and far corners, odd sizes."""
+    spec = features.FeatureSpec("x", (5, 50, 150), 2, 123_456_789, 64, 36, "concat")
+    cases = [(noise.draw_seed(spec, 2, 1), 17, -36, -36, 136, 136), (0, 1, 0, 0, 1, 1),
+             (7, 3, -(1 << 20) - 5, 5, 9, 11), (2**40 + 3, 2, 4_000_000_000, -77, 5, 8)]
+    for args in cases:
+        got, want = noise.position_noise(*args), _reference_position_noise(*args)
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+        assert got.tobytes() == want.tobytes(), args
