@@ -34,6 +34,7 @@ from torch import nn
 from bdgf.diffusion.features import FeatureSpec, check_window, level_maps
 from bdgf.diffusion.schedules import NoiseSchedule
 from bdgf.diffusion.unet import DenoiserUNet
+from bdgf.models._shapes import DENSE_CHUNK
 from bdgf.models.classifier import BDGFClassifier
 from bdgf.models.inputs import classifier_input
 from bdgf.tiler import crop
@@ -63,6 +64,11 @@ class TileClassifier(nn.Module):
         self.register_buffer("channel_modality", torch.as_tensor(channel_modality, dtype=torch.int64),
                              persistent=False)
         self.n_t, self.draws, self.reduce = len(spec.timesteps), spec.draws, spec.reduce
+        # Windows token-mixed at a time by the Mamba and Transformer branches: at most 4 chunks per
+        # tile. Each chunk is one copy of the branch in an exported graph (torch.export unrolls the
+        # loop), so 16 chunks of DENSE_CHUNK made the demo's ONNX export take minutes; a 1024-window
+        # chunk holds ~10 MB of tokens and attention scores per tile at the demo's sizes.
+        self.chunk_pixels = max(DENSE_CHUNK, -(-self.T * self.T // 4))
 
     @property
     def num_noise(self) -> int:
@@ -100,7 +106,8 @@ class TileClassifier(nn.Module):
         size = self.T + 2 * self.r
         region = crop(classifier_input(clean, valid, present, self.channel_modality), self.h - self.r, size)
         probs = self.classifier.predict_dense(
-            region, *(crop(feats[name], self.h - self.r, size) for name in ("low", "mid", "high")))
+            region, *(crop(feats[name], self.h - self.r, size) for name in ("low", "mid", "high")),
+            chunk_pixels=self.chunk_pixels)
         probs = probs.float()  # float32 whatever the autocast (bf16 would not survive .numpy())
         return probs * crop(valid, self.h, self.T)[:, None].to(probs.dtype)  # (B, K, T, T), 0 at nodata
 
