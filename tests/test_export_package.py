@@ -134,6 +134,17 @@ def test_the_run_records_band_wavelengths_and_older_runs_read_them_from_the_stor
     assert run.bands() is None
 
 
+def test_int8_is_built_only_when_asked_for_and_with_its_onnx():
+    from bdgf.export import parse_formats
+
+    assert parse_formats("all") == ["onnx", "aoti", "tensorrt"]  # int8 changes the outputs: never implied
+    assert parse_formats("all", int8=True) == ["onnx", "onnx-int8", "aoti", "tensorrt"]
+    assert parse_formats("onnx-int8") == ["onnx", "onnx-int8"]  # quantised from model.onnx, kept beside it
+    assert parse_formats("aoti", int8=True) == ["onnx", "onnx-int8", "aoti"]
+    with pytest.raises(BDGFError, match="use onnx, onnx-int8, aoti, tensorrt or all"):
+        parse_formats("int8")
+
+
 def test_a_scene_of_one_tile_still_gives_a_batch_to_export_with(exported):
     """torch.export on a batch of 1 would fix the dynamic batch axis at 1: a scene smaller than a
     tile (the tiny scene with the demo's T = 64) gives its one tile again at other origins."""
