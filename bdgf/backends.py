@@ -15,7 +15,9 @@ position-keyed noise run here, from the manifest alone: no run directory is need
 
 Back ends, in the order ``auto`` tries them: TensorRT (``model.engine``, tensorrt importable, a CUDA
 device), ONNX Runtime with the CUDA provider, then with the CPU provider (``model.onnx``),
-AOTInductor (``model_aoti.pt2``), eager PyTorch (``program.pt2``, the torch.export program). The
+AOTInductor (``model_aoti.pt2``), eager PyTorch (``program.pt2``, the torch.export program: the
+traced graph run op by op, so with the traced code paths, e.g. the parallel selective scan, not
+the run's eager ones; ``benchmarks/bench_backends.py`` compares all of them with the run). The
 choice and its reason are logged once per package (logger ``bdgf.backends``, INFO) and kept in
 ``backend.name`` / ``backend.reason``. ``BDGF_BACKEND`` forces one; a forced back end that cannot
 run is a one-line error, never a silent fallback. ``onnx-int8`` (``model_int8.onnx``, written by
