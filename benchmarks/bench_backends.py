@@ -31,11 +31,13 @@ Configurations:
   suite's random run): where the UNet and convolutions dominate.
 
     .venv/bin/python benchmarks/bench_backends.py [--run RUN] [--configs demo cnn] [--repeats 3]
-        [--threads 1] [--batches 1 4 16] [--demo-batches 1 4] [--backends onnx onnx-int8 aoti torch]
+        [--threads 1] [--batches 1 4 16] [--demo-batches 1] [--backends onnx onnx-int8 aoti torch]
+        [--demo-aoti]
 
 Threads: PyTorch, AOTInductor (OpenMP) and ONNX Runtime all get ``--threads`` intra-op threads.
 AOTInductor on the demo run only with ``--demo-aoti``: compiling its graph (the Mamba scan and the
-dense chunks unrolled) took ~9 of the 16 min its export took on the shared 2-core machine.
+token-mixing chunks unrolled) took ~1.5 of the 2.25 min its export took on the shared 2-core
+machine (9 of 16 min before the graph mixed 4 chunks a tile instead of 16).
 """
 
 from __future__ import annotations
@@ -59,14 +61,15 @@ def parse_args(argv=None):
     ap.add_argument("--run", type=Path, help="a trained run for the demo configuration (default: train one)")
     ap.add_argument("--configs", nargs="+", default=["demo", "cnn"], choices=["demo", "cnn"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16], help="batch sizes (cnn)")
-    ap.add_argument("--demo-batches", nargs="+", type=int, default=[1, 4],
-                    help="batch sizes of the demo configuration (a demo tile takes ~1 s eager on one core)")
+    ap.add_argument("--demo-batches", nargs="+", type=int, default=[1],
+                    help="batch sizes of the demo configuration (a demo tile takes ~1 s eager on one core; "
+                         "a batch of 4 ran out of memory, >11 GB, on the shared 23 GB machine)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backends", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--demo-aoti", action="store_true",
-                    help="also compile and time AOTInductor on the demo run (its compile took ~9 min on the "
-                         "shared 2-core machine; the cnn configuration always times it)")
+                    help="also compile and time AOTInductor on the demo run (+~1.5 min of export and ~40%% "
+                         "more timing on 2 cores; the cnn configuration always times it)")
     ap.add_argument("--work", type=Path, help="folder for the runs and packages (default: a temporary one)")
     return ap.parse_args(argv)
 
