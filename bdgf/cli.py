@@ -62,7 +62,7 @@ VAL_SPLIT_HELP = ("How val is carved from train: regions (whole labelled regions
 @command(also=(KeyError,))
 def synth(
     out: Path = typer.Argument(..., help="Scene store to create (a folder, e.g. demo.zarr)."),
-    preset: str = typer.Option("demo", help="Scene preset: tiny, demo, imbalance, sar, or mosaic (a large "
+    preset: str = typer.Option("demo", help="Scene preset: tiny, demo, imbalance, hard, sar, or mosaic (a large "
                                "unlabelled mosaic with the demo preset's modalities, written chunk by chunk)."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same scene."),
     val_split: str = typer.Option("regions", "--val-split", help=VAL_SPLIT_HELP),
@@ -318,11 +318,16 @@ def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the store, the run and the PNGs."),
     seed: int = typer.Option(0, help="Scene and training seed."),
     preset: str = typer.Option("demo", help="Synthetic preset (tiny for a quick look)."),
+    workers: int = typer.Option(2, help="Ray Train workers for pretraining, features and training "
+                                "(0: in this process, no Ray)."),
+    mosaic_size: int = typer.Option(768, "--mosaic-size", help="Side in px of the mosaic bulk-classified."),
+    chunk: int = typer.Option(256, help="Chunk side in px of the bulk classification (several per mosaic)."),
 ) -> None:
-    """The whole pipeline on a synthetic scene, nothing to download (what `make demo` runs)."""
+    """Every stage on a synthetic scene, nothing to download (what `make demo` runs): training on
+    local Ray workers, evaluation, export, the HTTP endpoint, Dask bulk classification."""
     from bdgf.demo import run_demo
 
-    run_demo(out, seed=seed, preset=preset)
+    run_demo(out, seed=seed, preset=preset, workers=workers, mosaic_size=mosaic_size, chunk=chunk)
 
 
 # Commands kept in their own modules register themselves on `app` when imported.

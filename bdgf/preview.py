@@ -89,3 +89,35 @@ def save_preview(scene: Scene, out: str | Path, prediction: np.ndarray | None = 
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def save_class_map(map_zarr: str | Path, out: str | Path, classes: dict, max_side: int = 2048) -> Path:
+    """A PNG of a bulk map's ``classes`` (``bdgf classify``'s Zarr output) in the package's class
+    colours (``classes``: the manifest's {"names", "colours"}), nodata black, read with a stride so
+    that the longer side is at most ``max_side`` px (memory bounded by the PNG, not the map)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+
+    arr = zarr.open_group(str(map_zarr), mode="r")["classes"]
+    H, W = arr.shape
+    s = max(1, -(-max(H, W) // max_side))
+    cls = np.asarray(arr[::s, ::s])
+    palette = np.zeros((len(classes["colours"]) + 1, 3), np.uint8)  # 0 = nodata: black
+    palette[1:] = np.asarray(classes["colours"], np.uint8)
+    img = palette[np.clip(cls, 0, len(palette) - 1)]
+    fig, ax = plt.subplots(figsize=(6.0, 6.0 * cls.shape[0] / cls.shape[1] + 0.6))
+    ax.imshow(img, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{Path(map_zarr).name}: {H}x{W} px" + (f" (every {s}th px)" if s > 1 else ""), fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i + 1] / 255.0) for i in range(len(classes["names"]))]
+    fig.legend(handles, classes["names"], loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
