@@ -82,6 +82,11 @@ def save_preview(scene: Scene, out: str | Path, prediction: np.ndarray | None = 
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap((i) / max(k - 1, 1))) for i in range(k)]
     fig.legend(handles, scene.class_names, loc="lower center", ncol=min(k, 8), fontsize=7, frameon=False)
     fig.suptitle(f"{scene.name} ({scene.shape[0]}x{scene.shape[1]})", fontsize=10)
+    return _save_png(plt, fig, out)
+
+
+def _save_png(plt, fig, out: str | Path) -> Path:
+    """Write ``fig`` to ``out`` atomically (a temporary file, then a rename) and close it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
@@ -114,10 +119,4 @@ def save_class_map(map_zarr: str | Path, out: str | Path, classes: dict, max_sid
     ax.set_title(f"{Path(map_zarr).name}: {H}x{W} px" + (f" (every {s}th px)" if s > 1 else ""), fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i + 1] / 255.0) for i in range(len(classes["names"]))]
     fig.legend(handles, classes["names"], loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save_png(plt, fig, out)

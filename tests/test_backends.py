@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from bdgf.backends import class_map, open_backend
 from bdgf.errors import BDGFError
-from test_export_package import fresh_process_classify, make_random_run, raw_windows
+from test_export_package import export_random_run, fresh_process_classify, raw_windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,15 +25,12 @@ def package(tmp_path_factory):
     """(store, run, package dir, pipeline): the random run exported with --format all --int8 (ONNX,
     its int8 copy and one AOTInductor compile here; TensorRT skipped where it cannot be built), for
     batches of at most 2 (larger batches are run in slices)."""
-    from bdgf.cli import app
     from bdgf.pipeline import Pipeline
 
-    d = tmp_path_factory.mktemp("backends")
-    store, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "all", "--int8", "--out", str(d / "pkg"),
-                                  "--max-batch", "2"])  # so the 3 tiles below run as two slices
-    assert res.exit_code == 0, res.output
-    return store, run, d / "pkg", Pipeline.from_run(run, seed=0), res.output
+    # --max-batch 2: so the 3 tiles below run as two slices
+    store, run, pkg, output = export_random_run(tmp_path_factory.mktemp("backends"), "--format", "all", "--int8",
+                                                "--max-batch", "2")
+    return store, run, pkg, Pipeline.from_run(run, seed=0), output
 
 
 def test_all_builds_what_it_can_and_says_what_it_skipped(package):

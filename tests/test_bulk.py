@@ -27,7 +27,7 @@ from bdgf.bulk.resume import done_keys
 from bdgf.bulk.synthetic import write_mosaic
 from bdgf.errors import BDGFError, InputError
 from bdgf.regions import classify_region
-from test_export_package import make_random_run
+from test_export_package import export_random_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,12 +67,8 @@ def write_tif(path: Path, data: np.ndarray, transform=(500000.0, 1.0, 0.0, 50000
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(dir, package, mosaic store with nodata holes, whole-mosaic Classified with probabilities)."""
-    from bdgf.cli import app
-
     d = tmp_path_factory.mktemp("bulk")
-    _, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(d / "pkg")])
-    assert res.exit_code == 0, res.output
+    export_random_run(d)
     store = write_mosaic(d / "mosaic.zarr", (H, W), seed=3, like="tiny", chunk=64)
     valid = zarr.open_array(str(store / "valid"), mode="r+")
     for rows, cols in HOLES:

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from bdgf.bulk.resume import DONE, done_keys
 from bdgf.bulk.synthetic import write_mosaic
-from test_export_package import make_random_run
+from test_export_package import export_random_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,12 +26,8 @@ BDGF = str(Path(sys.executable).with_name("bdgf"))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from bdgf.cli import app
-
     d = tmp_path_factory.mktemp("bulk_resume")
-    _, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(d / "pkg")])
-    assert res.exit_code == 0, res.output
+    export_random_run(d)
     return d, d / "pkg", write_mosaic(d / "mosaic.zarr", (H, W), seed=5, like="tiny", chunk=64)
 
 

@@ -65,16 +65,23 @@ def make_random_run(d: Path) -> tuple[Path, Path]:
     return store, run.path
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(store, run, package): the random run exported to ONNX with the command line."""
+def export_random_run(d: Path, *options: str) -> tuple[Path, Path, Path, str]:
+    """(store, run, package, the command's output): :func:`make_random_run` in ``d`` exported to
+    ``d/pkg`` with the command line, ``bdgf export RUN --out d/pkg`` + ``options`` (default
+    ``--format onnx``)."""
     from bdgf.cli import app
 
-    d = tmp_path_factory.mktemp("export")
     store, run = make_random_run(d)
-    result = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(d / "pkg")])
+    args = ["export", str(run), "--out", str(d / "pkg"), *(options or ("--format", "onnx"))]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return store, run, d / "pkg", result.output
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(store, run, package, output): the random run exported to ONNX with the command line."""
+    return export_random_run(tmp_path_factory.mktemp("export"))
 
 
 def test_package_has_the_manifest_and_the_graphs(exported):

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from bdgf.backends import class_map, open_backend
 from bdgf.data.scene import Scene
 from bdgf.errors import InputError
 from bdgf.regions import classify_region
-from test_export_package import make_random_run
+from test_export_package import export_random_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,13 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(backend, raw scene (C, H, W) with a nodata pixel, the pipeline's whole-scene probabilities)."""
-    from bdgf.cli import app
     from bdgf.pipeline import Pipeline
 
     d = tmp_path_factory.mktemp("regions")
-    store, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(d / "pkg")])
-    assert res.exit_code == 0, res.output
+    store, run, _, _ = export_random_run(d)
     scene = Scene.open(store)
     raw = np.concatenate([np.asarray(scene.modality(m), np.float32) for m in scene.modality_names])
     pipe = Pipeline.from_run(run, seed=0)

@@ -33,7 +33,7 @@ from bdgf import serve_api
 from bdgf.backends import ModelPackage, open_backend
 from bdgf.regions import TileJob, classify_jobs, classify_region
 from bdgf.serve_formats import to_npy
-from test_export_package import make_random_run
+from test_export_package import export_random_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,13 +54,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-    from bdgf.cli import app
-
-    d = tmp_path_factory.mktemp("serving")
-    _, run = make_random_run(d)
-    res = CliRunner().invoke(app, ["export", str(run), "--format", "onnx", "--out", str(d / "pkg")])
-    assert res.exit_code == 0, res.output
-    return d / "pkg"
+    return export_random_run(tmp_path_factory.mktemp("serving"))[2]
 
 
 @pytest.fixture(scope="module")
