@@ -62,3 +62,30 @@ TINY_RUN = {
     "train.patience": 25,
     "train.model": {"mamba": {"d_model": 16, "d_state": 4, "n_layers": 1}},
 }
+
+
+# --- small data the tests make themselves -----------------------------------------------------------
+def tiny_store(folder):
+    """The `tiny` synthetic scene (seed 0) written as ``folder/tiny.zarr``; returns its path."""
+    from pathlib import Path
+
+    from bdgf.data.scene import write_scene
+    from bdgf.data.synthetic import make_scene
+
+    path = Path(folder) / "tiny.zarr"
+    write_scene(make_scene("tiny", 0), path)
+    return path
+
+
+def separable_patch_batch(n: int, generator: torch.Generator, feats: dict[str, int], bands: int = 4,
+                          patch_size: int = 7) -> dict[str, torch.Tensor]:
+    """A stage-2 batch of ``n`` patches of two classes (alternating) that a classifier can separate:
+    patch (n, bands, P, P) of noise around +0.3 (class 0) or -0.3 (class 1), all valid, zero
+    features of ``feats[level]`` channels, coords 0."""
+    y = torch.arange(n) % 2
+    x = 0.3 * (1.0 - 2.0 * y.float())[:, None, None, None] + torch.randn(n, bands, patch_size, patch_size,
+                                                                        generator=generator)
+    b = {"patch": x, "valid": torch.ones(n, patch_size, patch_size, dtype=torch.bool), "label": y,
+         "coords": torch.zeros(n, 2, dtype=torch.int64)}
+    b.update({lvl: torch.zeros(n, c, patch_size, patch_size) for lvl, c in feats.items()})
+    return b

@@ -20,7 +20,7 @@ import deepspeed  # noqa: E402,F401
 from bdgf.config import RunConfig  # noqa: E402
 from bdgf.errors import BDGFError, StoreError  # noqa: E402
 from bdgf.run import read_jsonl  # noqa: E402
-from helpers import TINY_UNET, tiny_distributed_config  # noqa: E402
+from helpers import TINY_UNET, tiny_distributed_config, tiny_store  # noqa: E402
 
 def tiny_config(**pretrain) -> RunConfig:
     return tiny_distributed_config(24, 12, 2, **pretrain)
@@ -28,12 +28,7 @@ def tiny_config(**pretrain) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from bdgf.data.scene import write_scene
-    from bdgf.data.synthetic import make_scene
-
-    path = tmp_path_factory.mktemp("scene") / "tiny.zarr"
-    write_scene(make_scene("tiny", 0), path)
-    return path
+    return tiny_store(tmp_path_factory.mktemp("scene"))
 
 
 def distributed_pretrain(store, run, cfg=None, **kw):

@@ -16,7 +16,7 @@ import torch
 
 from bdgf.config import RunConfig
 from bdgf.run import Run, read_jsonl
-from helpers import tiny_distributed_config
+from helpers import separable_patch_batch, tiny_distributed_config, tiny_store
 
 TOL = 1e-6
 
@@ -27,12 +27,7 @@ def tiny_config(**pretrain) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from bdgf.data.scene import write_scene
-    from bdgf.data.synthetic import make_scene
-
-    path = tmp_path_factory.mktemp("scene") / "tiny.zarr"
-    write_scene(make_scene("tiny", 0), path)
-    return path
+    return tiny_store(tmp_path_factory.mktemp("scene"))
 
 
 def assert_same_weights(a: dict, b: dict, tol: float = TOL) -> None:
@@ -105,12 +100,7 @@ def test_stage2_patience_counter_carries_over_a_resume():
     g = torch.Generator().manual_seed(0)
 
     def batch(n):
-        y = torch.arange(n) % 2
-        x = 0.3 * (1.0 - 2.0 * y.float())[:, None, None, None] + torch.randn(n, 4, 7, 7, generator=g)
-        b = {"patch": x, "valid": torch.ones(n, 7, 7, dtype=torch.bool), "label": y,
-             "coords": torch.zeros(n, 2, dtype=torch.int64)}
-        b.update({lvl: torch.zeros(n, 2, 7, 7) for lvl in feats})
-        return b
+        return separable_patch_batch(n, g, feats)
 
     train_loader, val_loader = [batch(16) for _ in range(4)], [batch(32)]
 

@@ -19,6 +19,7 @@ from bdgf.engine.classify import ModalityView, build_classifier, train_epochs
 from bdgf.engine.loop import TorchStepper
 from bdgf.errors import InputError
 from bdgf.models.inputs import input_channels
+from helpers import separable_patch_batch
 
 R = 5  # patch radius of the default 11x11 patch
 
@@ -197,12 +198,7 @@ def test_saturated_val_stops_on_nll_patience_and_keeps_the_selected_epoch():
     g = torch.Generator().manual_seed(0)
 
     def batch(n):
-        y = torch.arange(n) % 2
-        x = 0.3 * (1.0 - 2.0 * y.float())[:, None, None, None] + torch.randn(n, 4, 7, 7, generator=g)
-        b = {"patch": x, "valid": torch.ones(n, 7, 7, dtype=torch.bool), "label": y,
-             "coords": torch.zeros(n, 2, dtype=torch.int64)}
-        b.update({lvl: torch.zeros(n, 2, 7, 7) for lvl in feats})
-        return b
+        return separable_patch_batch(n, g, feats)
 
     train_loader = [batch(16) for _ in range(4)]
     val_loader = [batch(32)]
