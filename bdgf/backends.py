@@ -179,13 +179,16 @@ class ModelPackage:
         return tile_noise(spec, self.channels, self.corners(origins), self.window_size)
 
 
+def class_dtype(num_classes: int) -> np.dtype:
+    """The class map's dtype for K classes plus the nodata class 0: uint8 while K < 255, else uint16."""
+    return np.dtype(np.uint8 if num_classes < 255 else np.uint16)
+
+
 def class_map(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """probs (B, K, T, T) -> classes (B, T, T) uint8/uint16 (0 = nodata), confidence uint8 0..255."""
-    K = probs.shape[1]
     conf = probs.max(axis=1)
     idx = probs.argmax(axis=1)
-    dtype = np.uint8 if K < 255 else np.uint16
-    classes = np.where(conf > 0, idx + 1, 0).astype(dtype)
+    classes = np.where(conf > 0, idx + 1, 0).astype(class_dtype(probs.shape[1]))
     return classes, np.clip(np.rint(conf * 255.0), 0, 255).astype(np.uint8)
 
 

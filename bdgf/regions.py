@@ -34,17 +34,13 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from bdgf.backends import Backend, Classified
+from bdgf.backends import Backend, Classified, class_dtype
 from bdgf.errors import InputError
 from bdgf.tiler import TileGrid, cut_window
 
 
-def stack_image(backend: Backend, image: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
+def stack_image(package, image: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
     """(C, H, W) float32 raw values in the package's channel order, checked against its bands."""
-    return _stack(backend.package, image, absent)
-
-
-def _stack(package, image: np.ndarray | Mapping[str, np.ndarray], absent: Sequence[str] = ()) -> np.ndarray:
     if isinstance(image, Mapping):
         given = [np.asarray(v) for k, v in image.items() if k not in absent]
         if not given or given[0].ndim != 3:
@@ -112,7 +108,7 @@ class RegionPlan:
         h, w = self.region[2:]
         K = self.package.num_classes
         probs = np.zeros((K, h, w), np.float32) if probabilities else None
-        return Classified(np.zeros((h, w), np.uint8 if K < 255 else np.uint16), np.zeros((h, w), np.uint8), probs)
+        return Classified(np.zeros((h, w), class_dtype(K)), np.zeros((h, w), np.uint8), probs)
 
     def place(self, out: Classified, part: np.ndarray, tiles: Classified) -> None:
         """Write the back end's per-tile results ``tiles`` (n, T, T) of ``part`` into ``out``."""
@@ -129,7 +125,7 @@ def plan_region(package, image: np.ndarray | Mapping[str, np.ndarray], *, origin
     """The checked plan of :func:`classify_region` (same arguments, a :class:`ModelPackage`
     instead of a back end): for a driver that runs the windows its own way (serving's batched
     replicas), then assembles with :meth:`RegionPlan.place`."""
-    x = _stack(package, image, absent)
+    x = stack_image(package, image, absent)
     r0, c0, h, w = check_region(x.shape[1:], region)
     top, left = int(origin[0]) + r0, int(origin[1]) + c0
     check_phase(package, top, left)

@@ -24,13 +24,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from bdgf.backends import Classified
+from bdgf.backends import Classified, class_dtype
 
 GRID_MAPPING = "spatial_ref"
-
-
-def class_dtype(num_classes: int) -> str:
-    return "uint8" if num_classes < 255 else "uint16"
 
 
 def create_map(path: Path, *, height: int, width: int, chunk: int, class_names: list[str], colours: list,
